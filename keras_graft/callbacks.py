@@ -1,0 +1,156 @@
+"""Keras callbacks: Grafting for ``model.fit``, and FilterStats to log invalid filters and entropy."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from keras_graft import criteria as criteria_lib
+from keras_graft import grafting
+from keras_graft import layouts
+from keras_graft import peers as peers_lib
+
+
+class Grafting(keras.callbacks.Callback):
+    """Grafts peers' weights into the model at the end of every ``every_n_epochs``-th epoch.
+
+    ``model.fit(x, y, callbacks=[Grafting(peers=[other_model])])``. ``peers`` is a Keras model, a list of models
+    (grafted one after another), or a :class:`keras_graft.peers.PeerSource` such as
+    :class:`keras_graft.SharedDirectory` for peers in other processes or hosts.
+
+    Adds to ``logs``: ``graft_alpha`` (mean coefficient of the model's own weights), ``graft_layers`` (groups
+    grafted) and ``graft_skipped_layers`` (groups whose peer weights were not finite). Put it before CSVLogger or
+    TensorBoard in the callback list so they record these values.
+
+    Args:
+      peers: see above.
+      criterion: "entropy", "l1", "bn_scale", a criterion object; None: entropy (layer), BN scale (filter).
+      a, c: alpha = 0.5 + (a / pi) * arctan(c * (I_self - I_peer)); a in [0, 1], c >= 0.
+      level: "layer" or "filter".
+      every_n_epochs: graft after epochs n, 2n, ... (1-based).
+      layers: only graft these layer names (or the layers where this callable is true).
+      verbose: 1 logs each round's mean alpha.
+    """
+
+    def __init__(self, peers, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
+                 verbose=0):
+        super().__init__()
+        grafting.validate_hyperparameters(a, c, level)
+        if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}.")
+        self.peers = peers_lib.get(peers)
+        self.criterion = criteria_lib.get(criterion or grafting.default_criterion(level))
+        self.a = float(a)
+        self.c = float(c)
+        self.level = level
+        self.every_n_epochs = int(every_n_epochs)
+        self.layers = layers
+        self.verbose = verbose
+        self._grafter = None
+
+    def get_config(self):
+        return {
+            "criterion": criteria_lib.serialize(self.criterion),
+            "a": self.a,
+            "c": self.c,
+            "level": self.level,
+            "every_n_epochs": self.every_n_epochs,
+            "layers": self.layers if not callable(self.layers) else None,
+            "verbose": self.verbose,
+        }
+
+    def grafter(self):
+        """The compiled graft for this callback's model, built on first use."""
+        if self._grafter is None or self._grafter.model is not self.model:
+            self.peers.setup(self.model)
+            self._grafter = grafting.Grafter(self.model, self.criterion, self.a, self.c, self.level, self.layers)
+        return self._grafter
+
+    def on_train_begin(self, logs=None):
+        if self.model.built and self.model.weights:
+            self.grafter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        results = self.peers.graft_round(self.grafter(), epoch)
+        graft_logs = merge_logs(results)
+        if logs is not None:
+            logs.update(graft_logs)
+        if self.verbose:
+            logging.info("Epoch %d: grafted %s", epoch + 1, graft_logs)
+
+
+def merge_logs(results):
+    """One set of graft logs for several GraftResults: mean alpha, grafted and skipped layers summed."""
+    if not results:
+        return {}
+    merged = {key: [] for key in results[0].logs()}
+    for result in results:
+        for key, value in result.logs().items():
+            merged[key].append(value)
+    return {
+        "graft_alpha": float(np.mean(merged["graft_alpha"])),
+        "graft_layers": int(np.sum(merged["graft_layers"])),
+        "graft_skipped_layers": int(np.sum(merged["graft_skipped_layers"])),
+    }
+
+
+class FilterStats(keras.callbacks.Callback):
+    """Logs invalid filters (L1 norm below each threshold) and the mean layer entropy after each epoch.
+
+    Keys: ``invalid_filters``, ``invalid_filter_ratio`` for a single threshold, suffixed ``_<threshold>``
+    for several (``invalid_filters_0.1``), and ``mean_entropy`` over convolution kernels. Computed in one compiled
+    function per model.
+    """
+
+    def __init__(self, thresholds=0.1, bins=10, include_dense=False, models=None):
+        super().__init__()
+        self.thresholds = tuple(np.atleast_1d(thresholds).astype(float).tolist())
+        if not self.thresholds or any(t < 0 for t in self.thresholds):
+            raise ValueError(f"FilterStats thresholds must be >= 0, got {thresholds!r}.")
+        self.entropy = criteria_lib.Entropy(bins)
+        self.include_dense = include_dense
+        self.models = models
+        self._functions = {}
+
+    def get_config(self):
+        return {"thresholds": list(self.thresholds), "bins": self.entropy.bins, "include_dense": self.include_dense}
+
+    def _stats_function(self, model):
+        layers = layouts.filter_layers(model, include_dense=self.include_dense)
+        if not layers:
+            raise ValueError(f"Model '{model.name}' has no convolution layers for FilterStats to measure.")
+        kernels = [layouts.primary_kernel(layer) for layer in layers]
+        thresholds = tf.constant(self.thresholds, tf.float32)
+
+        @tf.function(autograph=False)
+        def stats():
+            norms = tf.concat([criteria_lib.l1_norm(k.value, filter_axes=axes) for k, axes in kernels], axis=0)
+            invalid = tf.reduce_sum(tf.cast(norms[None, :] < thresholds[:, None], tf.int32), axis=1)
+            entropies = tf.stack([self.entropy(k.value) for k, _ in kernels])
+            return invalid, tf.size(norms), tf.reduce_mean(entropies)
+
+        return stats
+
+    def measure(self, model):
+        """The statistics of one model as a dict of Python numbers."""
+        if id(model) not in self._functions:
+            self._functions[id(model)] = self._stats_function(model)
+        invalid, total, mean_entropy = (t.numpy() for t in self._functions[id(model)]())
+        logs = {}
+        for threshold, count in zip(self.thresholds, invalid):
+            suffix = "" if len(self.thresholds) == 1 else f"_{threshold:g}"
+            logs[f"invalid_filters{suffix}"] = int(count)
+            logs[f"invalid_filter_ratio{suffix}"] = float(count) / int(total)
+        logs["mean_entropy"] = float(mean_entropy)
+        return logs
+
+    def on_epoch_end(self, epoch, logs=None):
+        models = self.models if self.models is not None else [self.model]
+        stats = {}
+        for k, model in enumerate(models):
+            suffix = "" if len(models) == 1 else f"_{k}"
+            stats.update({f"{key}{suffix}": value for key, value in self.measure(model).items()})
+        if logs is not None:
+            logs.update(stats)

@@ -1,0 +1,61 @@
+"""Where grafting peers come from. A peer source runs one graft round for a model.
+
+The interface is small: ``setup(model)`` validates the peers once before training, and
+``graft_round(grafter, round_index)`` brings the peers' weights for that round and grafts them with the given
+:class:`keras_graft.grafting.Grafter`, returning one :class:`GraftResult` per peer grafted.
+"""
+
+import abc
+
+import keras
+
+from keras_graft import grafting
+
+
+class PeerSource(abc.ABC):
+    """Supplies peer weights to a :class:`keras_graft.Grafting` callback."""
+
+    def setup(self, model):
+        """Checks the peers against ``model`` before any weight changes. Default: nothing to check."""
+
+    @abc.abstractmethod
+    def graft_round(self, grafter, round_index):
+        """Grafts the peers' weights of round ``round_index`` into ``grafter.model``; returns GraftResults."""
+
+
+class ModelPeers(PeerSource):
+    """Peers that are Keras models in this program; their current weights are read in-graph.
+
+    With several peers the model grafts them one after another in the given order.
+    """
+
+    def __init__(self, models):
+        models = list(models)
+        if not models:
+            raise ValueError("Grafting needs at least one peer model.")
+        for peer in models:
+            if not isinstance(peer, keras.Model):
+                raise TypeError(f"Peers must be Keras models or a PeerSource, got {type(peer).__name__}.")
+        self.models = models
+
+    def setup(self, model):
+        for k, peer in enumerate(self.models):
+            if peer is model:
+                raise ValueError(f"Peer {k} is the model being trained ('{model.name}'); a model cannot graft itself.")
+            if not peer.built or not peer.weights:
+                raise ValueError(f"Peer {k} ('{peer.name}') is not built; build it before grafting.")
+            grafting.check_compatible(model, grafting.weight_specs(peer), f"Peer {k} ('{peer.name}')")
+
+    def graft_round(self, grafter, round_index):
+        return [grafter.graft_model(peer) for peer in self.models]
+
+
+def get(peers):
+    """A PeerSource from a PeerSource, a Keras model, or a list of Keras models."""
+    if isinstance(peers, PeerSource):
+        return peers
+    if isinstance(peers, keras.Model):
+        return ModelPeers([peers])
+    if isinstance(peers, (list, tuple)):
+        return ModelPeers(peers)
+    raise TypeError(f"peers must be a Keras model, a list of models or a PeerSource, got {type(peers).__name__}.")
