@@ -16,7 +16,8 @@ class Grafting(keras.callbacks.Callback):
 
     ``model.fit(x, y, callbacks=[Grafting(peers=[other_model])])``. ``peers`` is a Keras model, a list of models
     (grafted one after another), or a :class:`keras_graft.peers.PeerSource` such as
-    :class:`keras_graft.SharedDirectory` for peers in other processes or hosts.
+    :class:`keras_graft.SharedDirectory` for peers in other processes or hosts. Inside
+    :class:`keras_graft.GraftTrainer` leave ``peers`` as None: the trainer's models graft in a ring.
 
     Adds to ``logs``: ``graft_alpha`` (mean coefficient of the model's own weights), ``graft_layers`` (groups
     grafted) and ``graft_skipped_layers`` (groups whose peer weights were not finite). Put it before CSVLogger or
@@ -32,13 +33,13 @@ class Grafting(keras.callbacks.Callback):
       verbose: 1 logs each round's mean alpha.
     """
 
-    def __init__(self, peers, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
+    def __init__(self, peers=None, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
                  verbose=0):
         super().__init__()
         grafting.validate_hyperparameters(a, c, level)
         if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}.")
-        self.peers = peers_lib.get(peers)
+        self.peers = None if peers is None else peers_lib.get(peers)
         self.criterion = criteria_lib.get(criterion or grafting.default_criterion(level))
         self.a = float(a)
         self.c = float(c)
@@ -62,6 +63,9 @@ class Grafting(keras.callbacks.Callback):
     def grafter(self):
         """The compiled graft for this callback's model, built on first use."""
         if self._grafter is None or self._grafter.model is not self.model:
+            if self.peers is None:
+                raise ValueError("Grafting has no peers: pass peers=[model, ...] or a PeerSource (peers=None is "
+                                 "only for GraftTrainer, whose models graft in a ring).")
             self.peers.setup(self.model)
             self._grafter = grafting.Grafter(self.model, self.criterion, self.a, self.c, self.level, self.layers)
         return self._grafter
