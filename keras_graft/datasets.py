@@ -24,9 +24,9 @@ every iteration, reproducible for a given seed) and augment; augmentation random
 reproducible for a given seed and different every epoch.
 
 Caching: CIFAR and Fashion-MNIST are small; with ``cache=True`` (the default) their decoded uint8 images are
-read once (when :func:`load` is called) into one in-memory tensor, and the pipeline shuffles *indices* and gathers whole batches, so the
-augmentation runs once per batch (vectorised) and the pipelines that :func:`per_model_dataset_fn` builds for
-several models share one copy of the data. ``cache=False`` streams from tensorflow-datasets every epoch;
+read once (when :func:`load` is called) into one in-memory tensor, and the pipeline shuffles *indices* and
+gathers whole batches, so the augmentation runs once per batch (vectorised) and the pipelines that
+:func:`per_model_dataset_fn` builds for several models share one copy of the data. ``cache=False`` streams from tensorflow-datasets every epoch;
 ``cache="/some/file"`` streams and caches the decoded, un-augmented examples in that file. ImageNet always
 streams: ``cache=True`` keeps the encoded JPEGs in memory only together with ``subset`` (the whole set does not
 fit); a filename caches them on disk.
