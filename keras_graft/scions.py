@@ -76,7 +76,7 @@ class ScionResult(grafting.GraftResult):
         return logs
 
 
-class Scion(peers.PeerSource, abc.ABC):
+class Scion(peers.PeerSource):
     """A source of weights for a model's invalid filters (L1 norm below ``threshold``) taken from the model itself.
 
     Subclasses define :meth:`_scion`, the per-layer addition. ``apply(model, round_index)`` runs one round on
