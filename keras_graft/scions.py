@@ -125,7 +125,8 @@ class Scion(peers.PeerSource):
         entry = self._functions.get(id(model))
         if entry is None or entry[0] is not model:
             self.setup(model)
-            entry = (model, layouts.filter_layers(model), tf.function(self._round_function(model), autograph=False))
+            layers = layouts.filter_layers(model)
+            entry = (model, layers, tf.function(self._round_function(layers), autograph=False))
             self._functions[id(model)] = entry
         _, layers, function = entry
         invalid, grafted = function(tf.constant(int(round_index), tf.int64))
@@ -133,8 +134,9 @@ class Scion(peers.PeerSource):
         self._log(model, result)
         return result
 
-    def _round_function(self, model):
-        kernels = [layouts.primary_kernel(layer) for layer in layouts.filter_layers(model)]
+    def _round_function(self, layers):
+        """The graft of one round over ``layers``' kernels, to be compiled: round index -> (invalid, grafted)."""
+        kernels = [layouts.primary_kernel(layer) for layer in layers]
 
         def graft(round_index):
             invalid_counts, grafted_counts = [], []
