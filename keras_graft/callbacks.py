@@ -86,18 +86,16 @@ class Grafting(keras.callbacks.Callback):
 
 
 def merge_logs(results):
-    """One set of graft logs for several GraftResults: mean alpha, grafted and skipped layers summed."""
+    """One set of graft logs for several GraftResults: mean ``graft_alpha``, every other key summed."""
     if not results:
         return {}
-    merged = {key: [] for key in results[0].logs()}
+    merged = {}
     for result in results:
         for key, value in result.logs().items():
-            merged[key].append(value)
-    return {
-        "graft_alpha": float(np.mean(merged["graft_alpha"])),
-        "graft_layers": int(np.sum(merged["graft_layers"])),
-        "graft_skipped_layers": int(np.sum(merged["graft_skipped_layers"])),
-    }
+            merged.setdefault(key, []).append(value)
+    logs = {key: int(np.sum(values)) for key, values in merged.items() if key != "graft_alpha"}
+    logs["graft_alpha"] = float(np.mean(merged["graft_alpha"]))
+    return logs
 
 
 class FilterStats(keras.callbacks.Callback):

@@ -75,9 +75,22 @@ def entropy(kernel, bins=10, per_filter=False, filter_axes=-1):
     if int(bins) < 2:
         raise ValueError(f"entropy needs at least 2 bins, got bins={bins}.")
     kernel = tf.convert_to_tensor(kernel)
-    rows = filter_rows(kernel, filter_axes) if per_filter else tf.reshape(kernel, [1, -1])
-    values = _row_entropy(rows, int(bins))
-    return values if per_filter else values[0]
+    if per_filter:
+        return _row_entropy(filter_rows(kernel, filter_axes), int(bins))
+    return _tensor_entropy(kernel, int(bins))
+
+
+def _tensor_entropy(values, bins):
+    """Entropy of one tensor's histogram; ``histogram_fixed_width`` puts the maximum in the last bin."""
+    values = tf.reshape(tf.cast(values, tf.float32), [-1])
+    low = tf.reduce_min(values)
+    high = tf.reduce_max(values)
+    spread = tf.logical_and(tf.math.is_finite(high - low), high > low)
+    low = tf.where(spread, low, tf.zeros_like(low))  # constant (H = 0) or non-finite: any valid range
+    high = tf.where(spread, high, low + 1.0)
+    counts = tf.cast(tf.histogram_fixed_width(values, tf.stack([low, high]), nbins=bins), tf.float32)
+    p = counts / tf.cast(tf.size(values), tf.float32)
+    return -tf.reduce_sum(p * tf.math.log(tf.where(p > 0, p, tf.ones_like(p))))
 
 
 def l1_norm(kernel, per_filter=True, filter_axes=-1):

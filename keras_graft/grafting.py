@@ -75,7 +75,7 @@ def check_compatible(model, peer_specs, peer_label):
 
 
 class _Mixer:
-    """Builds the mixing ops of one (self, peer) pair of weight lists; runs inside a tf.function."""
+    """Builds the mixing ops of one (self, peer) pair of weight dicts; runs inside a tf.function."""
 
     def __init__(self, structure, criterion, a, c, level):
         self.structure = structure
@@ -85,24 +85,30 @@ class _Mixer:
         self.c = c
         self.level = level
 
-    def _information(self, group, weights, per_filter):
-        if self.criterion.reads_gamma and group.gamma_index is not None:
-            return self.criterion(weights[group.gamma_index], per_filter=per_filter)
-        criterion = self.fallback if self.criterion.reads_gamma else self.criterion
-        info = criterion(weights[group.info_index], per_filter=per_filter, filter_axes=group.info_axes)
-        return info if criterion.higher_is_better else -info
+    def _uses_ratio(self, group):
+        return self.level == "filter" and self.criterion.reads_gamma and group.gamma_index is not None
 
-    def _alpha(self, group, own, peer):
+    def information(self, weights):
+        """Per group: |gamma| (BN-scale ratio) or the criterion's value, scalar or per filter. One model's."""
+        infos = []
+        for group in self.structure.groups:
+            if self._uses_ratio(group):
+                infos.append(tf.abs(tf.cast(weights[group.gamma_index], tf.float32)))
+            elif self.criterion.reads_gamma and group.gamma_index is not None:
+                infos.append(self.criterion(weights[group.gamma_index], per_filter=False))
+            else:
+                criterion = self.fallback if self.criterion.reads_gamma else self.criterion
+                per_filter = self.level == "filter" and not self.criterion.reads_gamma
+                info = criterion(weights[group.info_index], per_filter=per_filter, filter_axes=group.info_axes)
+                infos.append(info if criterion.higher_is_better else -info)
+        return infos
+
+    def _alpha(self, group, info_self, info_peer):
         """Scalar (layer level) or per-filter vector (filter level) coefficient of one group."""
-        if self.level == "filter" and self.criterion.reads_gamma and group.gamma_index is not None:
-            g_self = tf.abs(tf.cast(own[group.gamma_index], tf.float32))
-            g_peer = tf.abs(tf.cast(peer[group.gamma_index], tf.float32))
-            ratio = tf.math.divide_no_nan(g_self, g_self + g_peer)
-            return tf.where(g_self + g_peer > 0, ratio, 0.5 * tf.ones_like(ratio))
-        per_filter = self.level == "filter" and not self.criterion.reads_gamma
-        return adaptive_coefficient(
-            self._information(group, own, per_filter), self._information(group, peer, per_filter), self.a, self.c
-        )
+        if self._uses_ratio(group):
+            total = info_self + info_peer
+            return tf.where(total > 0, tf.math.divide_no_nan(info_self, total), 0.5 * tf.ones_like(total))
+        return adaptive_coefficient(info_self, info_peer, self.a, self.c)
 
     @staticmethod
     def _shaped(alpha, shape, axes):
@@ -116,13 +122,14 @@ class _Mixer:
         target = [shape[i] if i in axes else 1 for i in range(rank)]
         return tf.reshape(alpha, target)
 
-    def mix(self, own, peer, peer_usable=True):
-        """New values of the grafted weights of ``own``; returns ({index: value}, alphas, skipped)."""
+    def mix(self, own, peer, own_info, peer_info, peer_usable=True):
+        """New values of the grafted weights of ``own``; returns ({index: value}, mean alphas, skipped)."""
         alphas, skipped = [], []
-        for group in self.structure.groups:
-            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(peer[i])) for i, _ in group.members])
+        for group, info_self, info_peer in zip(self.structure.groups, own_info, peer_info):
+            # A sum is finite only if every value is (overflowing weights count as broken too).
+            finite = tf.reduce_all(tf.stack([tf.math.is_finite(tf.reduce_sum(peer[i])) for i, _ in group.members]))
             usable = tf.logical_and(finite, peer_usable)
-            alpha = tf.cast(self._alpha(group, own, peer), tf.float32)
+            alpha = tf.cast(self._alpha(group, info_self, info_peer), tf.float32)
             alphas.append(tf.where(usable, alpha, tf.ones_like(alpha)))
             skipped.append(tf.logical_not(usable))
         values = {}
@@ -135,10 +142,10 @@ class _Mixer:
                     source, axis = link
                     coefficient = coefficient * self._shaped(alphas[source], shape, (axis,))
                 own_value = tf.cast(own[index], tf.float32)
-                # Select instead of multiplying by zero: 0 * NaN would still be NaN.
-                peer_value = tf.where(skip, own_value, tf.cast(peer[index], tf.float32))
-                mixed = coefficient * own_value + (1.0 - coefficient) * peer_value
-                values[index] = tf.cast(mixed, own[index].dtype)
+                peer_value = tf.cast(peer[index], tf.float32)
+                mixed = peer_value + coefficient * (own_value - peer_value)
+                # Select rather than multiply by zero: 0 * NaN would still be NaN.
+                values[index] = tf.cast(tf.where(skip, own_value, mixed), own[index].dtype)
         mean_alphas = tf.stack([tf.reduce_mean(alpha) for alpha in alphas])
         return values, mean_alphas, tf.stack(skipped)
 
@@ -197,8 +204,10 @@ class Grafter:
     def _graft(self, peer_values, peer_usable):
         weights = self.model.weights
         own = {i: weights[i].value for i in self.structure.grafted_indices}
-        values, alphas, skipped = self._mixer.mix(own, dict(zip(self.structure.grafted_indices, peer_values)),
-                                                  peer_usable)
+        peer = dict(zip(self.structure.grafted_indices, peer_values))
+        values, alphas, skipped = self._mixer.mix(
+            own, peer, self._mixer.information(own), self._mixer.information(peer), peer_usable
+        )
         for index, value in values.items():
             weights[index].assign(value)
         return alphas, skipped
@@ -257,10 +266,12 @@ class RingGrafter:
     def _graft(self, healthy):
         indices = self.structure.grafted_indices
         before = [{i: tf.identity(m.weights[i].value) for i in indices} for m in self.models]
+        infos = [self._mixer.information(weights) for weights in before]  # once per model, not per pair
         updates, alphas, skipped = [], [], []
         for k in range(len(self.models)):
             previous = (k - 1) % len(self.models)
-            values, alpha, skip = self._mixer.mix(before[k], before[previous], healthy[previous])
+            values, alpha, skip = self._mixer.mix(before[k], before[previous], infos[k], infos[previous],
+                                                  healthy[previous])
             updates.append(values)
             alphas.append(alpha)
             skipped.append(skip)
