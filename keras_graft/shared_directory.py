@@ -167,6 +167,7 @@ class SharedDirectory(peers.PeerSource):
     def publish(self, model, round_index):
         """Writes ``model``'s current weights as this rank's file of ``round_index``; returns its path."""
         path = self.filename(round_index)
+        tf.io.gfile.makedirs(self.path)
         write_atomically(path, encode_weights([w.path for w in model.weights], model.get_weights()))
         return path
 

@@ -1,8 +1,8 @@
 """One rank of a SharedDirectory grafting test: trains a tiny model with model.fit and grafts through a directory.
 
 Run by tests/test_shared_directory.py as a separate process. After every epoch (and its graft) it saves the
-model's weights to ``{out}/rank{rank}-epoch{epoch}.npz``. ``build_model`` and ``training_data`` are imported by
-the test to repeat the same training in-process.
+model's weights to ``{out}/rank{rank}-epoch{epoch}.npz``. The model and data come from _shared_dir_model, which the
+test uses to repeat the same training in-process.
 """
 
 import os
@@ -13,6 +13,7 @@ import tensorflow as tf
 from absl import app
 from absl import flags
 
+import _shared_dir_model as tiny
 import keras_graft
 from keras_graft.shared_directory import SharedDirectory
 
@@ -29,43 +30,6 @@ flags.DEFINE_string("crash_marker", None, "Created when crashing; no crash when 
 flags.DEFINE_string("backup_dir", None, "Use keras.callbacks.BackupAndRestore with this directory.")
 
 FLAGS = flags.FLAGS
-
-NUM_CLASSES = 3
-EXAMPLES = 64
-BATCH_SIZE = 16
-
-
-def build_model(rank):
-    """A tiny conv net (conv + BN, strided conv, dense) with rank-dependent, seeded initial weights."""
-
-    def init(k):
-        return keras.initializers.GlorotUniform(seed=100 * rank + k)
-
-    inputs = keras.Input((8, 8, 1))
-    x = keras.layers.Conv2D(4, 3, padding="same", use_bias=False, kernel_initializer=init(0))(inputs)
-    x = keras.layers.BatchNormalization()(x)
-    x = keras.layers.ReLU()(x)
-    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", kernel_initializer=init(1))(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(NUM_CLASSES, kernel_initializer=init(2))(x)
-    model = keras.Model(inputs, outputs, name=f"tiny_{rank}")
-    model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    return model
-
-
-def training_data(rank):
-    """(x, y) of one rank: fixed random images and labels, different for every rank."""
-    rng = np.random.default_rng(rank)
-    x = rng.normal(size=(EXAMPLES, 8, 8, 1)).astype("float32")
-    y = rng.integers(0, NUM_CLASSES, size=EXAMPLES).astype("int32")
-    return x, y
-
-
-def fit_kwargs():
-    """The arguments of model.fit shared by the worker and the in-process repetition (no shuffling)."""
-    return dict(batch_size=BATCH_SIZE, shuffle=False, verbose=0)
-
 
 def main(argv):
     del argv
@@ -92,14 +56,14 @@ def main(argv):
                 os._exit(4)
 
     with strategy.scope():
-        model = build_model(FLAGS.rank)
+        model = tiny.build_model(FLAGS.rank)
     peers = SharedDirectory(FLAGS.dir, FLAGS.rank, FLAGS.world_size, timeout=FLAGS.timeout)
     callbacks = [keras_graft.Grafting(peers=peers)]
     if FLAGS.backup_dir:
         callbacks.append(keras.callbacks.BackupAndRestore(FLAGS.backup_dir))
     callbacks.append(SaveAndExit())
-    x, y = training_data(FLAGS.rank)
-    model.fit(x, y, epochs=FLAGS.epochs, callbacks=callbacks, **fit_kwargs())
+    x, y = tiny.training_data(FLAGS.rank)
+    model.fit(x, y, epochs=FLAGS.epochs, callbacks=callbacks, **tiny.FIT_KWARGS)
 
 
 if __name__ == "__main__":
