@@ -1,0 +1,398 @@
+"""RePr: overlap score, ranking, schedule, held-at-zero filters, orthogonal re-initialisation, distribution."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from keras_graft import criteria
+from keras_graft import reactivation
+from keras_graft.reactivation import RePr, optimizer_slots, phase_at, select_filters
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def np_rows(kernel, axes):
+    """Filters as rows, written independently of the library: filter axes moved last, then flattened."""
+    axes = sorted(a % kernel.ndim for a in axes)
+    other = [i for i in range(kernel.ndim) if i not in axes]
+    moved = np.transpose(kernel, other + axes)
+    return moved.reshape(-1, int(np.prod([kernel.shape[a] for a in axes]))).T
+
+
+def np_overlap(kernel, axes=(-1,)):
+    """RePr's score: rows normalised, P = |W W^T - I|, score_f = sum_j P[f, j] / J."""
+    rows = np_rows(np.asarray(kernel, np.float64), axes)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    overlap = np.abs(unit @ unit.T - np.eye(len(rows)))
+    return overlap.sum(axis=1) / len(rows)
+
+
+def unit_rows(rows):
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def conv_net(filters=(4, 8, 8), kernel_sizes=(3, 3, 3), bn=True, seed=0, channels=3):
+    """conv -> [BN] -> ReLU, for each conv, then global pooling and a dense head; convs named c0, c1, ..."""
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6, 6, channels))
+    x = inputs
+    for i, (count, size) in enumerate(zip(filters, kernel_sizes)):
+        x = keras.layers.Conv2D(count, size, padding="same", name=f"c{i}")(x)
+        if bn:
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU()(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+
+
+def compiled(model, optimizer="sgd"):
+    optimizers = {"sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9), "adam": lambda: keras.optimizers.Adam(0.01)}
+    model.compile(optimizer=optimizers[optimizer](), loss=LOSS)
+    return model
+
+
+def data(n=16, channels=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6, 6, channels)).astype(np.float32), np.arange(n) % 3
+
+
+def dropped_variables(model, layer):
+    """The weights of ``layer`` and its BN that carry its filters on their last axis, with their optimizer slots."""
+    conv, bn = model.get_layer(layer), model.get_layer("bn" + layer[1:])
+    variables = [conv.kernel, conv.bias, bn.gamma, bn.beta]
+    return [(v.path, slot) for v in variables for slot in [v] + optimizer_slots(model.optimizer, v)]
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records each epoch's kernels (place it before RePr to see them before a drop or re-initialisation)."""
+
+    def __init__(self, repr_callback, layers):
+        super().__init__()
+        self.repr = repr_callback
+        self.layers = layers
+        self.kernels = []
+        self.phases = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.phases.append(self.repr.state_of()[0])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.kernels.append({name: self.model.get_layer(name).kernel.numpy() for name in self.layers})
+
+
+class HeldAtZero(keras.callbacks.Callback):
+    """After RePr at every step of S2: the dropped filters' weights and optimizer slots are exactly zero."""
+
+    def __init__(self, test, repr_callback, layers):
+        super().__init__()
+        self.test = test
+        self.repr = repr_callback
+        self.layers = layers
+        self.checked_steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.repr.state_of()[0] != "pruned":
+            return
+        indices = self.repr.history[-1]["indices"]
+        for layer in self.layers:
+            for path, variable in dropped_variables(self.model, layer):
+                value = variable.numpy()[..., indices.get(layer, [])]
+                self.test.assertAllEqual(value, np.zeros_like(value), msg=f"{path} of a dropped filter")
+        self.checked_steps += 1
+
+
+class ScoreTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.named_parameters(
+        ("conv2d", (3, 3, 4, 6), (-1,)),
+        ("depthwise", (3, 3, 4, 2), (-2, -1)),
+        ("transpose", (3, 3, 5, 4), (-2,)),
+    )
+    def test_orthogonality_matches_numpy(self, shape, axes):
+        kernel = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+        self.assertAllClose(criteria.orthogonality(kernel, filter_axes=axes), np_overlap(kernel, axes), atol=1e-6)
+
+    def test_orthogonal_filters_score_zero_and_copies_score_high(self):
+        eye = np.eye(4, dtype=np.float32).reshape(1, 1, 4, 4)
+        self.assertAllClose(criteria.orthogonality(eye), np.zeros(4))
+        copies = np.ones((1, 1, 4, 3), np.float32)
+        self.assertAllClose(criteria.orthogonality(copies), np.full(3, 2 / 3))
+
+    @parameterized.parameters(((3, 3, 4, 6), (-1,)), ((3, 3, 4, 2), (-2, -1)), ((3, 3, 5, 4), (-2,)))
+    def test_rows_round_trip_and_match_filter_rows(self, shape, axes):
+        kernel = np.random.default_rng(2).normal(size=shape).astype(np.float32)
+        rows = reactivation.to_rows(kernel, axes)
+        self.assertAllEqual(rows, criteria.filter_rows(kernel, axes))
+        self.assertAllEqual(rows, np_rows(kernel, axes))
+        self.assertAllEqual(reactivation.from_rows(rows, shape, axes), kernel)
+
+
+class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_phase_at(self):
+        expected = ["full"] * 2 + ["pruned"] * 3 + ["full"] * 2 + ["pruned"] * 3 + ["done"] * 3
+        got = [reactivation.PHASES[phase_at(t, 2, 3, 2)[0]] for t in range(13)]
+        self.assertEqual(got, expected)
+        self.assertEqual([phase_at(t, 2, 3, 2)[1] for t in range(13)], [1] * 5 + [2] * 8)
+
+    def test_epoch_schedule_and_logs(self):
+        model = compiled(conv_net())
+        repr_callback = RePr(s1=2, s2=1, prune_ratio=0.25, cycles=2)
+        history = model.fit(*data(), batch_size=8, epochs=7, verbose=0, callbacks=[repr_callback])
+        self.assertEqual(history.history["repr_phase"], [0, 0, 1, 0, 0, 1, 2])
+        self.assertEqual(history.history["repr_cycle"], [1, 1, 1, 2, 2, 2, 2])
+        self.assertEqual(history.history["repr_dropped"], [0, 0, 4, 0, 0, 4, 0])  # round(0.25 * 16)
+        self.assertEqual(history.history["repr_fallbacks"], [0] * 7)
+        events = [(e["event"], e["cycle"], e["unit"]) for e in repr_callback.history]
+        self.assertEqual(events, [("drop", 1, 2), ("reinit", 1, 3), ("drop", 2, 5), ("reinit", 2, 6)])
+        self.assertEqual(repr_callback.state_of(), ("done", 2, 0))
+
+    def test_step_schedule(self):
+        model = compiled(conv_net())
+        repr_callback = RePr(s1=3, s2=2, prune_ratio=0.25, cycles=2, unit="step")
+        recorder = Recorder(repr_callback, [])
+        model.fit(*data(), batch_size=8, epochs=6, verbose=0, callbacks=[recorder, repr_callback])  # 12 steps
+        expected = [reactivation.PHASES[phase_at(t, 3, 2, 2)[0]] for t in range(12)]
+        self.assertEqual(recorder.phases, expected)
+        self.assertEqual([(e["event"], e["unit"]) for e in repr_callback.history],
+                         [("drop", 3), ("reinit", 5), ("drop", 8), ("reinit", 10)])
+
+    def test_fit_calls_continue_the_schedule(self):
+        model = compiled(conv_net())
+        repr_callback = RePr(s1=1, s2=1, cycles=1)
+        phases = [model.fit(*data(), batch_size=8, epochs=1, verbose=0, callbacks=[repr_callback])
+                  .history["repr_phase"][0] for _ in range(3)]
+        self.assertEqual(phases, [0, 1, 2])
+
+
+class RankingTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_global_ranking_drops_highest_scores(self):
+        scores = [np.array([0.1, 0.9, 0.5]), np.array([0.8, 0.2, 0.7, 0.3])]
+        chosen = select_filters(scores, 3 / 7)
+        self.assertEqual([c.tolist() for c in chosen], [[1], [0, 2]])
+        chosen = select_filters(scores, 3 / 7, higher_is_better=True)
+        self.assertEqual([c.tolist() for c in chosen], [[0], [1, 3]])
+
+    def test_never_drops_a_whole_layer(self):
+        scores = [np.array([5.0, 6.0]), np.array([0.1, 0.2, 0.3])]
+        chosen = select_filters(scores, 0.6)
+        self.assertEqual([c.tolist() for c in chosen], [[1], [1, 2]])
+        chosen = select_filters(scores, 0.99)  # capped at every layer less one filter
+        self.assertEqual([len(c) for c in chosen], [1, 2])
+
+    def test_at_least_one_filter(self):
+        self.assertEqual([c.tolist() for c in select_filters([np.array([0.1, 0.3])], 0.01)], [[1]])
+
+    @parameterized.parameters("orthogonality", "l1")
+    def test_fit_drops_the_criterion_worst_never_the_first_conv_or_a_whole_layer(self, criterion):
+        model = compiled(conv_net(filters=(3, 2, 6)))
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.9, cycles=1, criterion=criterion)
+        recorder = Recorder(repr_callback, ["c1", "c2"])
+        model.fit(*data(), batch_size=8, epochs=1, verbose=0, callbacks=[recorder, repr_callback])
+        before = recorder.kernels[0]
+        if criterion == "l1":
+            scores = [np.abs(np_rows(before[n], (-1,))).sum(axis=1) for n in ("c1", "c2")]
+        else:
+            scores = [np_overlap(before[n]) for n in ("c1", "c2")]
+        expected = select_filters(scores, 0.9, higher_is_better=criterion == "l1")
+        indices = repr_callback.history[0]["indices"]
+        self.assertNotIn("c0", indices)
+        self.assertEqual(indices, {"c1": expected[0].tolist(), "c2": expected[1].tolist()})
+        self.assertEqual(repr_callback.history[0]["dropped"], {"c1": 1, "c2": 5})
+
+
+class HoldTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.parameters("sgd", "adam")
+    def test_dropped_filters_and_slots_stay_zero_through_s2(self, optimizer):
+        model = compiled(conv_net(), optimizer)
+        repr_callback = RePr(s1=1, s2=2, prune_ratio=0.3, cycles=1)
+        checker = HeldAtZero(self, repr_callback, ["c1", "c2"])
+        model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
+        self.assertEqual(checker.checked_steps, 4)  # S2: 2 epochs of 2 steps
+        expected_slots = {"sgd": 1, "adam": 2}[optimizer]
+        self.assertLen(optimizer_slots(model.optimizer, model.get_layer("c1").kernel), expected_slots)
+
+    def test_optimizer_slots(self):
+        variable = keras.Variable(np.zeros((2, 3), np.float32))
+        for optimizer, count in ((keras.optimizers.SGD(), 0), (keras.optimizers.SGD(momentum=0.5), 1),
+                                 (keras.optimizers.Adam(amsgrad=True), 3),
+                                 (keras.mixed_precision.LossScaleOptimizer(keras.optimizers.Adam()), 2)):
+            optimizer.build([variable])
+            slots = optimizer_slots(optimizer, variable)
+            self.assertLen(slots, count, msg=type(optimizer).__name__)
+            self.assertTrue(all(tuple(s.shape) == (2, 3) and s is not variable for s in slots))
+
+
+class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_orthogonal_directions_numpy(self):
+        rng = np.random.default_rng(0)
+        constraints = rng.normal(size=(5, 12))
+        vectors, level = reactivation.orthogonal_directions([constraints], 4, 12, rng)
+        self.assertEqual(level, 0)
+        self.assertAllClose(vectors @ constraints.T, np.zeros((4, 5)), atol=1e-10)
+        self.assertAllClose(vectors @ vectors.T, np.eye(4), atol=1e-10)
+        self.assertEqual(reactivation.orthogonal_directions([constraints], 8, 12, rng), (None, 1))
+
+    def test_reinitialised_filters_are_orthogonal_and_fresh(self):
+        model = compiled(conv_net(filters=(4, 8, 8)))
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=3)
+        recorder = Recorder(repr_callback, ["c1", "c2"])
+        model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[recorder, repr_callback])
+        events = repr_callback.history
+        self.assertEqual([e["event"] for e in events], ["drop", "reinit"])
+        self.assertEqual(set(events[1]["levels"].values()), {"orthogonal"})
+        for name, indices in events[0]["indices"].items():
+            layer = model.get_layer(name)
+            rows = np_rows(layer.kernel.numpy(), (-1,))
+            new = unit_rows(rows[indices])
+            survivors = unit_rows(np.delete(rows, indices, axis=0))
+            pre_drop = unit_rows(np_rows(recorder.kernels[0][name], (-1,))[indices])
+            self.assertLess(np.max(np.abs(new @ survivors.T)), 1e-5)
+            self.assertLess(np.max(np.abs(new @ pre_drop.T)), 1e-5)
+            self.assertAllClose(new @ new.T, np.eye(len(indices)), atol=1e-5)
+            # Glorot uniform: variance 2 / (fan_in + fan_out) per value, d values per filter.
+            fan_in, fan_out = rows.shape[1], 9 * layer.filters
+            expected_norm = np.sqrt(rows.shape[1] * 2.0 / (fan_in + fan_out))
+            self.assertAllClose(np.linalg.norm(rows[indices], axis=1), np.full(len(indices), expected_norm),
+                                rtol=0.1)
+            bn = model.get_layer("bn" + name[1:])
+            for variable, initial in ((layer.bias, 0.0), (bn.gamma, 1.0), (bn.beta, 0.0),
+                                      (bn.moving_mean, 0.0), (bn.moving_variance, 1.0)):
+                self.assertAllEqual(variable.numpy()[indices], np.full(len(indices), initial))
+            for path, slot in dropped_variables(model, name):
+                if slot.path != path:
+                    self.assertAllEqual(slot.numpy()[..., indices], np.zeros_like(slot.numpy()[..., indices]))
+
+    @parameterized.named_parameters(
+        # c1: 4 filters of 4 values, 1 dropped: no room next to 4 constraint rows, room next to 3 survivors.
+        ("survivors", 4, 4, "survivors"),
+        # c1: 6 filters of 2 values, 2 dropped: no room even next to the 4 survivors.
+        ("initializer", 2, 6, "initializer"),
+    )
+    def test_fallback_when_the_null_space_is_too_small(self, first, second, level):
+        model = compiled(conv_net(filters=(first, second), kernel_sizes=(1, 1)))
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=0)
+        with self.assertLogs(level="WARNING") as captured:
+            history = model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback])
+        self.assertIn("'c1'", "\n".join(captured.output))
+        self.assertEqual(repr_callback.history[1]["levels"], {"c1": level})
+        self.assertEqual(history.history["repr_fallbacks"], [0, 1])
+        indices = repr_callback.history[0]["indices"]["c1"]
+        rows = np_rows(model.get_layer("c1").kernel.numpy(), (-1,))
+        self.assertTrue(np.all(np.linalg.norm(rows[indices], axis=1) > 0))
+        if level == "survivors":
+            survivors = unit_rows(np.delete(rows, indices, axis=0))
+            self.assertLess(np.max(np.abs(unit_rows(rows[indices]) @ survivors.T)), 1e-5)
+
+
+class TrainerLoopTest(tf.test.TestCase):
+
+    def test_one_schedule_per_model_in_a_custom_loop(self):
+        """A loop that trains two models with one callback, calling the standard hooks after set_model."""
+        models = [compiled(conv_net(seed=1)), compiled(conv_net(seed=2))]
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1)
+        x, y = data()
+        for model in models:
+            repr_callback.set_model(model)
+            repr_callback.on_train_begin()
+        for epoch in range(2):
+            for model in models[: 2 - epoch]:  # the second model trains only the first epoch
+                repr_callback.set_model(model)
+                repr_callback.on_epoch_begin(epoch)
+                for step in range(2):
+                    model.train_on_batch(x[8 * step: 8 * step + 8], y[8 * step: 8 * step + 8])
+                    repr_callback.on_train_batch_end(step)
+                logs = {}
+                repr_callback.on_epoch_end(epoch, logs)
+        self.assertEqual(logs["repr_phase"], 1)
+        self.assertEqual(repr_callback.state_of(models[0]), ("done", 1, 0))
+        self.assertEqual(repr_callback.state_of(models[1]), ("pruned", 1, 5))
+        repr_callback.set_model(models[0])
+        self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "reinit"])
+        repr_callback.set_model(models[1])
+        self.assertEqual([e["event"] for e in repr_callback.history], ["drop"])
+        for name, dropped in repr_callback.history[0]["indices"].items():
+            for _, variable in dropped_variables(models[1], name):
+                self.assertAllEqual(variable.numpy()[..., dropped], np.zeros_like(variable.numpy()[..., dropped]))
+
+
+class DistributedTest(tf.test.TestCase):
+
+    def test_mirrored_strategy_keeps_replicas_equal(self):
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            model = compiled(conv_net())
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=0)
+        checker = HeldAtZero(self, repr_callback, ["c1", "c2"])
+        model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
+        self.assertEqual(checker.checked_steps, 2)
+        self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "reinit"])
+        for variable in model.trainable_weights + model.optimizer.variables:
+            replicas = [np.asarray(r) for r in strategy.experimental_local_results(variable.value)]
+            self.assertLen(replicas, 2)
+            self.assertAllEqual(replicas[0], replicas[1], msg=variable.path)
+        dropped = repr_callback.history[0]["indices"]
+        for name, indices in dropped.items():
+            rows = np_rows(model.get_layer(name).kernel.numpy(), (-1,))
+            self.assertTrue(np.all(np.linalg.norm(rows[indices], axis=1) > 0))
+
+
+class BadInputTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.parameters(
+        {"prune_ratio": 0.0}, {"prune_ratio": 1.0}, {"prune_ratio": -0.2}, {"prune_ratio": "0.3"},
+        {"s1": 0}, {"s2": -1}, {"s1": 1.5}, {"cycles": 0}, {"cycles": True},
+        {"unit": "batch"}, {"criterion": "bn_scale"}, {"criterion": "nope"},
+    )
+    def test_bad_arguments(self, **override):
+        kwargs = dict(dict(s1=1, s2=1), **override)
+        with self.assertRaises(ValueError):
+            RePr(**kwargs)
+
+    def assert_fails_before_training(self, model, repr_callback, message):
+        before = [w.numpy() for w in model.weights]
+        with self.assertRaisesRegex(ValueError, message):
+            model.fit(*data(), batch_size=8, epochs=1, verbose=0, callbacks=[repr_callback])
+        for old, new in zip(before, model.weights):
+            self.assertAllEqual(old, new.numpy())
+
+    def test_fewer_than_two_convs(self):
+        self.assert_fails_before_training(compiled(conv_net(filters=(4,), kernel_sizes=(3,))), RePr(1, 1),
+                                          "at least two convolution layers")
+
+    def test_criterion_that_does_not_rank_filters(self):
+        class LayerOnly(criteria.Criterion):
+            name = "layer_only"
+
+            def __call__(self, kernel, per_filter=False, filter_axes=-1):
+                return tf.reduce_mean(tf.abs(kernel))
+
+        self.assert_fails_before_training(compiled(conv_net()), RePr(1, 1, criterion=LayerOnly()),
+                                          "does not rank filters")
+
+    def test_steps_per_execution(self):
+        model = conv_net()
+        model.compile(optimizer="sgd", loss=LOSS, steps_per_execution=2)
+        self.assert_fails_before_training(model, RePr(1, 1), "steps_per_execution")
+
+    def test_no_optimizer(self):
+        repr_callback = RePr(1, 1)
+        repr_callback.set_model(conv_net())
+        with self.assertRaisesRegex(ValueError, "no optimizer"):
+            repr_callback.on_train_begin()
+
+    def test_nothing_to_drop(self):
+        self.assert_fails_before_training(compiled(conv_net(filters=(4, 1))), RePr(1, 1), "cannot drop any filter")
+
+
+class ConfigTest(tf.test.TestCase):
+
+    def test_get_config_round_trip(self):
+        repr_callback = RePr(20, 10, prune_ratio=0.25, cycles=2, criterion="l1", unit="step", seed=7)
+        config = repr_callback.get_config()
+        self.assertEqual(config["criterion"], {"class_name": "L1Norm", "config": {}})
+        self.assertEqual(RePr.from_config(config).get_config(), config)
