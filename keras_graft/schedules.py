@@ -1,0 +1,118 @@
+"""Learning rates of grafting peers: the initial spread between models and per-step schedules in epoch units.
+
+Meng et al., "Filter Grafting for Deep Neural Networks" (CVPR 2020) make the peers diverse with different initial
+learning rates, cosine annealing and their own data order. ``spread_learning_rates`` gives model k (k = 1..N)
+
+    lr_k = lr * (1 + cos(pi * (N - k) / N)) / 2,
+
+so model N keeps ``lr`` and model 1 gets the smallest rate. The schedules are Keras ``LearningRateSchedule``
+objects evaluated every optimizer step t; their lengths are in epochs, and ``steps_per_epoch`` (and ``epochs``) may
+be ``tf.Variable`` objects that GraftTrainer sets when ``fit`` knows them.
+"""
+
+import math
+
+import keras
+import tensorflow as tf
+
+
+def spread_learning_rates(learning_rate, num_models):
+    """[lr * (1 + cos(pi * (N - k) / N)) / 2 for k = 1..N]: the peers' initial learning rates."""
+    if int(num_models) != num_models or num_models < 1:
+        raise ValueError(f"num_models must be a positive integer, got {num_models!r}.")
+    n = int(num_models)
+    return [learning_rate * (1.0 + math.cos(math.pi * (n - k) / n)) / 2.0 for k in range(1, n + 1)]
+
+
+def _as_int(value):
+    return int(value.numpy()) if isinstance(value, tf.Variable) else int(value)
+
+
+@keras.saving.register_keras_serializable(package="keras_graft")
+class CosineAnnealing(keras.optimizers.schedules.LearningRateSchedule):
+    """Per-step cosine annealing over ``epochs`` epochs (SGDR without restarts, torch's CosineAnnealingLR).
+
+    lr_t = lr_min + (lr_0 - lr_min) * (1 + cos(pi * min(t, T) / T)) / 2 with T = epochs * steps_per_epoch and
+    lr_min = alpha * lr_0 (Loshchilov & Hutter, "SGDR", ICLR 2017, eq. 5).
+    """
+
+    def __init__(self, initial_learning_rate, epochs, steps_per_epoch, alpha=0.0):
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"CosineAnnealing alpha must lie in [0, 1], got {alpha}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.epochs = epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.alpha = float(alpha)
+
+    def __call__(self, step):
+        total = tf.cast(tf.maximum(self.epochs * self.steps_per_epoch, 1), tf.float32)
+        progress = tf.minimum(tf.cast(step, tf.float32), total) / total
+        cosine = 0.5 * (1.0 + tf.cos(math.pi * progress))
+        return self.initial_learning_rate * (self.alpha + (1.0 - self.alpha) * cosine)
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "epochs": _as_int(self.epochs),
+            "steps_per_epoch": _as_int(self.steps_per_epoch),
+            "alpha": self.alpha,
+        }
+
+
+@keras.saving.register_keras_serializable(package="keras_graft")
+class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """lr_t = lr_0 * factor ** floor(t / (every_epochs * steps_per_epoch)) (torch's StepLR, counted in steps).
+
+    The papers' CIFAR protocol divides the rate by 10 every 60 epochs: ``StepDecay(0.1, 60, steps_per_epoch)``.
+    """
+
+    def __init__(self, initial_learning_rate, every_epochs, steps_per_epoch, factor=0.1):
+        if int(every_epochs) != every_epochs or every_epochs < 1:
+            raise ValueError(f"StepDecay every_epochs must be a positive integer, got {every_epochs!r}.")
+        if factor <= 0:
+            raise ValueError(f"StepDecay factor must be > 0, got {factor}.")
+        self.initial_learning_rate = float(initial_learning_rate)
+        self.every_epochs = int(every_epochs)
+        self.steps_per_epoch = steps_per_epoch
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        period = tf.maximum(tf.cast(self.every_epochs * self.steps_per_epoch, tf.int64), 1)
+        drops = tf.cast(tf.cast(step, tf.int64) // period, tf.float32)
+        return self.initial_learning_rate * tf.pow(self.factor, drops)
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "every_epochs": self.every_epochs,
+            "steps_per_epoch": _as_int(self.steps_per_epoch),
+            "factor": self.factor,
+        }
+
+
+SCHEDULES = {"cosine": CosineAnnealing, "step": StepDecay}
+
+
+def schedule_factory(spec, epochs, steps_per_epoch):
+    """A function initial_learning_rate -> LearningRateSchedule from a trainer's ``lr_schedule`` argument.
+
+    ``spec`` is None (constant rate), "cosine" (anneal over the whole ``fit``), "step" (x0.1 every 60 epochs), a
+    dict such as ``{"name": "step", "every_epochs": 30, "factor": 0.2}`` or ``{"name": "cosine", "alpha": 0.01}``,
+    or a callable taking the initial learning rate and returning a schedule.
+    """
+    if spec is None:
+        return None
+    if callable(spec) and not isinstance(spec, keras.optimizers.schedules.LearningRateSchedule):
+        return spec
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if not isinstance(spec, dict) or spec.get("name") not in SCHEDULES:
+        raise ValueError(f"lr_schedule must be None, one of {sorted(SCHEDULES)}, a dict with 'name' among them, or "
+                         f"a callable initial_learning_rate -> LearningRateSchedule; got {spec!r}.")
+    options = {key: value for key, value in spec.items() if key != "name"}
+    if spec["name"] == "cosine":
+        CosineAnnealing(1.0, 1, 1, **options)  # Validates the options now rather than at the first fit.
+        return lambda lr: CosineAnnealing(lr, epochs, steps_per_epoch, **options)
+    options.setdefault("every_epochs", 60)
+    StepDecay(1.0, steps_per_epoch=1, **options)
+    return lambda lr: StepDecay(lr, steps_per_epoch=steps_per_epoch, **options)

@@ -1,0 +1,725 @@
+"""GraftTrainer: N peer models trained side by side in one custom loop under any tf.distribute strategy.
+
+The reference code of Meng et al. (CVPR 2020) runs one process per network and swaps checkpoint files through the
+disk. Here all N peers live in one program: one compiled step runs every model's forward pass, backward pass and
+optimizer update through ``strategy.run``; at the end of every n-th epoch one compiled graft mixes the models in a
+ring (model k takes from model k-1, reading the weights from before the round) in cross-replica context, so every
+replica and every worker receives the same values.
+
+Diversity between peers (each switchable): the initial learning rate spread lr_k = lr * (1 + cos(pi*(N-k)/N)) / 2,
+per-step cosine annealing or step decay (:mod:`keras_graft.schedules`), and a data order of its own per model.
+
+Loss scaling: Keras losses with the default "sum_over_batch_size" reduction divide the per-replica mean by the
+number of replicas (``keras.src.losses.loss.scale_loss_for_distribution``), and the optimizer sums gradients over
+replicas, so the update uses the global-batch mean. The models' own losses (regularisation) are divided by the
+number of replicas here for the same reason; logged losses are multiplied back.
+"""
+
+import inspect
+import math
+import os
+import shutil
+import tempfile
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from keras_graft import callbacks as callbacks_lib
+from keras_graft import grafting as grafting_lib
+from keras_graft import schedules as schedules_lib
+from keras_graft import strategies as strategies_lib
+
+DATA_ORDERS = ("per_model", "shared")
+_ACCURACY_NAMES = ("accuracy", "acc")
+_DEFAULT_SHUFFLE_BUFFER = 10_000
+
+
+@keras.saving.register_keras_serializable(package="keras_graft")
+class PeerEnsemble(keras.Model):
+    """The peers as one Keras model whose output is the mean of the peers' probabilities.
+
+    GraftTrainer hands it to Keras callbacks as ``callback.model``: ``get_weights``/``set_weights`` cover all peers
+    (so ``EarlyStopping(restore_best_weights=True)`` and ``ModelCheckpoint`` keep every model), and setting
+    ``stop_training`` stops the trainer.
+
+    Args:
+      peers: Keras models of the same architecture.
+      output_activation: "softmax" or "sigmoid" when the peers output logits, None when they output probabilities
+        (or any other quantity that is averaged as is).
+    """
+
+    def __init__(self, peers, output_activation=None, **kwargs):
+        super().__init__(**kwargs)
+        if output_activation not in (None, "softmax", "sigmoid"):
+            raise ValueError(f"output_activation must be None, 'softmax' or 'sigmoid', got {output_activation!r}.")
+        self.peers = list(peers)
+        self.output_activation = output_activation
+        self.built = all(peer.built for peer in self.peers)
+
+    def probabilities(self, outputs):
+        """Applies the output activation to one peer's outputs."""
+        if self.output_activation == "softmax":
+            return keras.ops.softmax(outputs, axis=-1)
+        if self.output_activation == "sigmoid":
+            return keras.ops.sigmoid(outputs)
+        return outputs
+
+    def call(self, inputs, training=False):
+        outputs = [self.probabilities(peer(inputs, training=training)) for peer in self.peers]
+        return keras.ops.mean(keras.ops.stack(outputs), axis=0)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "peers": [keras.saving.serialize_keras_object(peer) for peer in self.peers],
+            "output_activation": self.output_activation,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["peers"] = [keras.saving.deserialize_keras_object(peer) for peer in config["peers"]]
+        return cls(**config)
+
+
+def _resolve_loss(loss):
+    """A Keras Loss object (its reduction scales by the number of replicas) from an identifier."""
+    if loss is None:
+        raise ValueError("GraftTrainer needs a loss, e.g. loss='sparse_categorical_crossentropy'.")
+    if isinstance(loss, keras.losses.Loss):
+        return loss
+    if isinstance(loss, str):
+        class_name = "".join(part.capitalize() for part in loss.split("_"))
+        try:
+            resolved = keras.losses.get(class_name)
+        except ValueError:
+            resolved = keras.losses.get(loss)
+    else:
+        resolved = keras.losses.get(loss)
+    if isinstance(resolved, keras.losses.Loss):
+        return resolved
+    if callable(resolved):
+        return keras.losses.LossFunctionWrapper(resolved, name=getattr(resolved, "__name__", None))
+    raise ValueError(f"Cannot interpret loss {loss!r}.")
+
+
+def _probability_loss(loss):
+    """The same loss on probabilities (from_logits=False), to score the ensemble's averaged probabilities."""
+    config = loss.get_config()
+    if not config.get("from_logits"):
+        return loss
+    return loss.__class__.from_config({**config, "from_logits": False})
+
+
+def _output_activation(loss, output_shape):
+    if not loss.get_config().get("from_logits"):
+        return None
+    return "sigmoid" if output_shape[-1] == 1 else "softmax"
+
+
+def _replicas():
+    return tf.distribute.get_strategy().num_replicas_in_sync
+
+
+class _ModelMetrics:
+    """Loss tracker and metrics of one model (or of the ensemble), created in the strategy's scope.
+
+    Metric variables are synchronised on read, so results read in cross-replica context cover all replicas.
+    """
+
+    def __init__(self, metric_specs, y_spec, output_shape):
+        self.loss = keras.metrics.Mean(name="loss")
+        self.metrics = [self._metric(spec, y_spec, output_shape) for spec in metric_specs]
+
+    @staticmethod
+    def _metric(spec, y_spec, output_shape):
+        """Like Keras' compile: "accuracy" becomes binary, sparse categorical or categorical accuracy."""
+        if isinstance(spec, keras.metrics.Metric):
+            return spec.__class__.from_config(spec.get_config())
+        if spec in _ACCURACY_NAMES:
+            y_rank, y_last = y_spec.shape.rank, y_spec.shape[-1] if y_spec.shape.rank else None
+            if output_shape[-1] == 1:
+                return keras.metrics.BinaryAccuracy(name=spec)
+            if y_rank is not None and (y_rank < len(output_shape) or y_last == 1):
+                return keras.metrics.SparseCategoricalAccuracy(name=spec)
+            return keras.metrics.CategoricalAccuracy(name=spec)
+        metric = keras.metrics.get(spec)
+        if isinstance(metric, keras.metrics.Metric):
+            return metric
+        return keras.metrics.MeanMetricWrapper(metric, name=spec if isinstance(spec, str) else metric.__name__)
+
+    def update(self, loss, y, y_pred):
+        """``loss`` is the per-replica loss as the optimizer sees it (divided by the number of replicas)."""
+        self.loss.update_state(loss * _replicas(), sample_weight=tf.shape(y_pred)[0])
+        for metric in self.metrics:
+            metric.update_state(y, y_pred)
+
+    def results(self):
+        return {"loss": self.loss.result(), **{m.name: m.result() for m in self.metrics}}
+
+    def reset(self):
+        self.loss.reset_state()
+        for metric in self.metrics:
+            metric.reset_state()
+
+
+class _Backup:
+    """Checkpoints of all models, optimizer states, the epoch and the data seed in ``directory``.
+
+    Only the chief writes there; the other workers of a multi-worker strategy save to a temporary directory they
+    delete (the standard TensorFlow pattern: every worker must take part in saving). CheckpointManager writes the
+    data files first and then renames the "checkpoint" index into place, so a killed run leaves the last complete
+    checkpoint.
+    """
+
+    def __init__(self, directory, checkpoint, strategy):
+        self.directory = directory
+        self.checkpoint = checkpoint
+        self.strategy = strategy
+        self._manager = None
+
+    def restore(self):
+        """Restores the latest checkpoint; returns True when there was one."""
+        path = tf.train.latest_checkpoint(self.directory)
+        if path is None:
+            return False
+        self.checkpoint.restore(path).assert_existing_objects_matched()
+        logging.info("GraftTrainer: restored %s.", path)
+        return True
+
+    def save(self):
+        if self.strategy.extended.should_checkpoint:
+            if self._manager is None:
+                self._manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2)
+            self._manager.save()
+            return
+        scratch = tempfile.mkdtemp(prefix="graft_worker_backup_")
+        try:
+            tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _grafting_settings(grafting):
+    """A Grafting callback (its settings only; peers must be None) from a Grafting, a dict of settings, or None."""
+    if grafting is None or isinstance(grafting, callbacks_lib.Grafting):
+        settings = grafting
+    elif isinstance(grafting, dict):
+        settings = callbacks_lib.Grafting(**grafting)
+    else:
+        raise TypeError(f"grafting must be None, a keras_graft.Grafting callback or a dict of its settings; got "
+                        f"{type(grafting).__name__}.")
+    if settings is not None and settings.peers is not None:
+        raise ValueError("GraftTrainer grafts its own models in a ring: pass Grafting(peers=None, ...).")
+    return settings
+
+
+class GraftTrainer:
+    """Trains N peer models side by side and grafts them in a ring (Meng et al., CVPR 2020).
+
+    ``trainer = GraftTrainer(build_model, 2, optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+    loss="sparse_categorical_crossentropy", metrics=["accuracy"], grafting=Grafting())``, then
+    ``trainer.fit(dataset, epochs=200, batch_size=128, validation_data=test)``.
+
+    Args:
+      model_fn: builds one model per call, functional or Sequential with a known input shape. Called N times in
+        the strategy's scope, so every model has its own initialisation.
+      num_models: N >= 1.
+      optimizer: an optimizer (object, name or config), cloned per model; or a callable ``k -> optimizer`` that
+        builds model k's optimizer (then set its learning rate there: ``schedules.spread_learning_rates`` helps).
+      loss: a Keras loss (object or identifier).
+      metrics: metric names or objects, tracked per model and for the ensemble ("accuracy" as in ``compile``).
+      grafting: a ``keras_graft.Grafting`` callback used for its settings (criterion, a, c, level,
+        every_n_epochs, layers) or a dict of them; None trains N independent models (the fair baseline).
+      strategy: a tf.distribute strategy or "default" | "mirrored" | "multi_worker"; None: the current one.
+      lr_spread: give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2.
+      lr_schedule: None, "cosine", "step", a dict (``{"name": "step", "every_epochs": 60, "factor": 0.1}``) or a
+        callable initial_rate -> LearningRateSchedule; applied per step to every model's rate.
+      data_order: "per_model" (each model its own shuffle) or "shared" (all models see the same batches).
+      seed: seeds the models' initialisation (``keras.utils.set_random_seed``) and the data order. None: random
+        (the data seed is still kept in the backup, so a resumed run sees the same data order).
+      backup_dir: directory for checkpoints after every epoch; ``fit`` resumes from the last one.
+    """
+
+    def __init__(self, model_fn, num_models=2, optimizer="sgd", loss=None, metrics=None, grafting=None,
+                 strategy=None, lr_spread=False, lr_schedule=None, data_order="per_model", seed=None,
+                 backup_dir=None):
+        if isinstance(num_models, bool) or int(num_models) != num_models or num_models < 1:
+            raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}.")
+        if data_order not in DATA_ORDERS:
+            raise ValueError(f"data_order must be one of {list(DATA_ORDERS)}, got {data_order!r}.")
+        self.num_models = int(num_models)
+        self.grafting = _grafting_settings(grafting)
+        if self.grafting is not None and self.num_models < 2:
+            raise ValueError("Grafting needs at least 2 models; use grafting=None for a single model.")
+        self.strategy = strategies_lib.get(strategy)
+        self.loss = _resolve_loss(loss)
+        self.metric_specs = list(metrics or [])
+        self.data_order = data_order
+        self.lr_spread = bool(lr_spread)
+        self.backup_dir = backup_dir
+        if seed is not None:
+            keras.utils.set_random_seed(seed)
+        data_seed = int(seed) if seed is not None else int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+
+        with self.strategy.scope():
+            self.models = self._build_models(model_fn)
+            # Variables created in scope take the chief's initial value on every worker.
+            self._data_seed = tf.Variable(data_seed, dtype=tf.int64, trainable=False, name="data_seed")
+            self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+            self._schedule_epochs = tf.Variable(1, dtype=tf.int64, trainable=False, name="schedule_epochs")
+            self._steps_per_epoch = tf.Variable(1, dtype=tf.int64, trainable=False, name="steps_per_epoch")
+            self._schedule = schedules_lib.schedule_factory(lr_schedule, self._schedule_epochs, self._steps_per_epoch)
+            self.optimizers = self._build_optimizers(optimizer)
+            for model, opt in zip(self.models, self.optimizers):
+                opt.build(model.trainable_variables)
+            output_shape = tuple(self.models[0].outputs[0].shape)
+            self.ensemble = PeerEnsemble(self.models, _output_activation(self.loss, output_shape), name="peers")
+            self.ensemble.optimizer = self.optimizers[0]  # Read by TensorBoard for the step counter.
+            self.ensemble.stop_training = False
+        self._ensemble_loss = _probability_loss(self.loss)
+        self._ring = None
+        if self.grafting is not None:
+            g = self.grafting
+            self._ring = grafting_lib.RingGrafter(self.models, g.criterion, g.a, g.c, g.level, g.layers)
+        self._backup = None
+        if backup_dir is not None:
+            checkpoint = tf.train.Checkpoint(models=self.models, optimizers=self.optimizers, epoch=self._epoch,
+                                             data_seed=self._data_seed)
+            self._backup = _Backup(backup_dir, checkpoint, self.strategy)
+        self._trackers = None
+        self._train_function = None
+        self._test_function = None
+        self._predict_function = None
+        self._results_function = None
+        self._sync_function = None
+
+    # Construction.
+
+    def _build_models(self, model_fn):
+        models = [model_fn() for _ in range(self.num_models)]
+        for k, model in enumerate(models):
+            if not isinstance(model, keras.Model):
+                raise TypeError(f"model_fn must return a Keras model; call {k} returned {type(model).__name__}.")
+            if any(model is other for other in models[:k]):
+                raise ValueError("model_fn returned the same model object twice: it must build a new model per call.")
+            if not model.built or not getattr(model, "inputs", None):
+                raise ValueError(f"Model {k} ('{model.name}') is not built: model_fn must return functional or "
+                                 "Sequential models with a known input shape (start with keras.Input).")
+            if k:
+                grafting_lib.check_compatible(models[0], grafting_lib.weight_specs(model),
+                                              f"Model {k} ('{model.name}') from model_fn")
+                if tuple(model.inputs[0].shape) != tuple(models[0].inputs[0].shape):
+                    raise ValueError(f"Model {k} ('{model.name}') from model_fn takes inputs of shape "
+                                     f"{tuple(model.inputs[0].shape)}, model 0 of {tuple(models[0].inputs[0].shape)}.")
+        return models
+
+    def _build_optimizers(self, optimizer):
+        if callable(optimizer) and not isinstance(optimizer, keras.optimizers.Optimizer):
+            if self.lr_spread or self._schedule is not None:
+                raise ValueError("With an optimizer factory, set each model's learning rate in the factory "
+                                 "(lr_spread and lr_schedule apply to a single optimizer that is cloned).")
+            optimizers = [optimizer(k) for k in range(self.num_models)]
+            for k, opt in enumerate(optimizers):
+                if not isinstance(opt, keras.optimizers.Optimizer):
+                    raise TypeError(f"The optimizer factory returned {type(opt).__name__} for model {k}, not a "
+                                    "Keras optimizer.")
+                if any(opt is other for other in optimizers[:k]):
+                    raise ValueError("The optimizer factory returned the same optimizer twice; build one per model.")
+            return optimizers
+        template = keras.optimizers.get(optimizer)
+        config = template.get_config()
+        rates = [config["learning_rate"]] * self.num_models
+        if self.lr_spread or self._schedule is not None:
+            if not isinstance(config["learning_rate"], (int, float)):
+                raise ValueError("lr_spread and lr_schedule need an optimizer with a constant initial learning rate, "
+                                 f"got {config['learning_rate']!r}.")
+            if self.lr_spread:
+                rates = schedules_lib.spread_learning_rates(float(config["learning_rate"]), self.num_models)
+        if self._schedule is not None:
+            rates = [self._schedule(rate) for rate in rates]
+        return [template.__class__.from_config({**config, "learning_rate": rate}) for rate in rates]
+
+    # Data.
+
+    def _input_spec_error(self, what, spec):
+        shapes = [tuple(t.shape) for t in self.models[0].inputs]
+        return ValueError(f"{what} does not fit the models: its elements are {spec}, the models take inputs of "
+                          f"shape {shapes[0] if len(shapes) == 1 else shapes} (batch first) and elements must be "
+                          "(x, y) pairs.")
+
+    def _batched(self, spec, what):
+        """Whether a dataset's (x, y) elements are batches (True) or single examples (False); raises otherwise."""
+        if not isinstance(spec, tuple) or len(spec) != 2:
+            raise self._input_spec_error(what, spec)
+        return self._inputs_batched(spec[0], what, spec)
+
+    def _inputs_batched(self, x_spec, what, spec):
+        xs = tf.nest.flatten(x_spec)
+        inputs = self.models[0].inputs
+        if len(xs) != len(inputs):
+            raise self._input_spec_error(what, spec)
+        for batched in (True, False):
+            fits = all(
+                tf.TensorShape(tuple(inp.shape)).is_compatible_with(x.shape if batched else [None, *x.shape])
+                for x, inp in zip(xs, inputs)
+            )
+            if fits:
+                return batched
+        raise self._input_spec_error(what, spec)
+
+    @staticmethod
+    def _as_dataset(data, what):
+        if isinstance(data, tf.data.Dataset):
+            return data
+        if isinstance(data, (tuple, list)) and len(data) == 2 and not isinstance(data[0], tf.data.Dataset):
+            x, y = data
+            lengths = {len(t) for t in tf.nest.flatten(x)} | {len(t) for t in tf.nest.flatten(y)}
+            if len(lengths) != 1:
+                raise ValueError(f"{what}: x and y have different numbers of examples ({sorted(lengths)}).")
+            return tf.data.Dataset.from_tensor_slices((x, y))
+        raise TypeError(f"{what} must be a tf.data.Dataset of (x, y) or a tuple (x, y) of arrays; got "
+                        f"{type(data).__name__}.")
+
+    def _shuffle_seed(self, model_index, epoch):
+        """The data order depends on (seed, model, epoch) only, so a resumed epoch sees the same batches."""
+        k = model_index if self.data_order == "per_model" else 0
+        return (int(self._data_seed.numpy()) * 1_000_003 + k * 65_537 + epoch) % (2**31 - 1)
+
+    def _train_pipelines(self, train_data, batch_size, shuffle_buffer):
+        """Returns (fn(model_index, input_context, epoch) -> per-replica batches, examples per epoch or None)."""
+        replicas = self.strategy.num_replicas_in_sync
+        if callable(train_data) and not isinstance(train_data, tf.data.Dataset):
+            if batch_size is not None:
+                raise ValueError("batch_size is for a dataset of single examples; a dataset function batches its "
+                                 "own data (use input_context.get_per_replica_batch_size).")
+            takes_epoch = "epoch" in inspect.signature(train_data).parameters
+
+            def user_fn(k, context, epoch):
+                return train_data(k, context, epoch=epoch) if takes_epoch else train_data(k, context)
+
+            probe = user_fn(0, tf.distribute.InputContext(1, 0, replicas), 0)
+            if not isinstance(probe, tf.data.Dataset):
+                raise TypeError(f"The dataset function must return a tf.data.Dataset, got {type(probe).__name__}.")
+            if not self._batched(probe.element_spec, "The dataset function's dataset"):
+                raise ValueError("The dataset function must return batched data (per-replica batches).")
+            return user_fn, None
+
+        dataset = self._as_dataset(train_data, "train_data")
+        if self._batched(dataset.element_spec, "train_data"):
+            raise ValueError("train_data is already batched: pass unbatched examples with batch_size (each model "
+                             "then gets its own shuffle), or a function (model_index, input_context) -> dataset.")
+        if batch_size is None or int(batch_size) != batch_size or batch_size < 1:
+            raise ValueError(f"fit needs a positive integer batch_size for unbatched train_data, got {batch_size!r}.")
+        if batch_size % replicas:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {replicas} replicas of the strategy.")
+        examples = int(dataset.cardinality())
+        buffer = shuffle_buffer or (examples if examples > 0 else _DEFAULT_SHUFFLE_BUFFER)
+        drop_remainder = replicas > 1  # An empty replica batch would put NaN into BatchNormalization statistics.
+
+        def simple_fn(k, context, epoch):
+            data = dataset.shuffle(buffer, seed=self._shuffle_seed(k, epoch), reshuffle_each_iteration=False)
+            if context.num_input_pipelines > 1:
+                data = data.shard(context.num_input_pipelines, context.input_pipeline_id)
+            return data.batch(context.get_per_replica_batch_size(batch_size), drop_remainder=drop_remainder)
+
+        return simple_fn, (examples if examples >= 0 else None)
+
+    def _steps(self, examples, batch_size, steps_per_epoch):
+        """Steps per epoch, or None when the data decide (a single worker stops when the data run out)."""
+        available = None
+        if examples is not None and examples != int(tf.data.INFINITE_CARDINALITY):
+            replicas = self.strategy.num_replicas_in_sync
+            available = examples // batch_size if replicas > 1 else math.ceil(examples / batch_size)
+            if available == 0:
+                raise ValueError(f"train_data has {examples} examples, fewer than one batch of {batch_size}.")
+        if steps_per_epoch is not None:
+            if int(steps_per_epoch) != steps_per_epoch or steps_per_epoch < 1:
+                raise ValueError(f"steps_per_epoch must be a positive integer, got {steps_per_epoch!r}.")
+            if available is not None and steps_per_epoch > available:
+                raise ValueError(f"steps_per_epoch={steps_per_epoch} but the data give {available} batches per "
+                                 "epoch; repeat the dataset or lower steps_per_epoch.")
+            return int(steps_per_epoch)
+        if examples == int(tf.data.INFINITE_CARDINALITY):
+            raise ValueError("train_data is infinite: pass steps_per_epoch.")
+        if available is None and strategies_lib.is_multi_worker(self.strategy):
+            raise ValueError("With several workers the number of steps must be known: pass steps_per_epoch.")
+        return available
+
+    def _epoch_iterator(self, pipelines, epoch):
+        def input_fn(context):
+            datasets = tuple(pipelines(k, context, epoch) for k in range(self.num_models))
+            return tf.data.Dataset.zip(datasets).prefetch(tf.data.AUTOTUNE)
+
+        return iter(self.strategy.distribute_datasets_from_function(input_fn))
+
+    def _eval_dataset(self, data, batch_size, what):
+        """(distributed batched dataset, batched label spec); several workers split it by examples."""
+        dataset = self._as_dataset(data, what)
+        if not self._batched(dataset.element_spec, what):
+            dataset = dataset.batch(batch_size or 32)
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+        y_spec = dataset.element_spec[1]
+        return self.strategy.experimental_distribute_dataset(dataset.with_options(options)), y_spec
+
+    # Compiled steps.
+
+    def _ensure_metrics(self, y_spec):
+        if self._trackers is not None:
+            return
+        output_shape = tuple(self.models[0].outputs[0].shape)
+        with self.strategy.scope():
+            self._trackers = [_ModelMetrics(self.metric_specs, y_spec, output_shape) for _ in self.models]
+            self._ensemble_tracker = _ModelMetrics(self.metric_specs, y_spec, output_shape)
+
+    def _regularization(self, model):
+        return tf.add_n(model.losses) / _replicas() if model.losses else 0.0
+
+    def _replica_train_step(self, batches):
+        for model, optimizer, tracker, (x, y) in zip(self.models, self.optimizers, self._trackers, batches):
+            with tf.GradientTape() as tape:
+                y_pred = model(x, training=True)
+                loss = self.loss(y, y_pred) + self._regularization(model)
+            gradients = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            tracker.update(loss, y, y_pred)
+
+    def _train_logs(self):
+        """Running per-model results and their mean over models (NaN when a model's loss is NaN)."""
+        per_model = [tracker.results() for tracker in self._trackers]
+        logs = {f"{name}_{k}": value for k, results in enumerate(per_model) for name, value in results.items()}
+        for name in per_model[0]:
+            logs[name] = tf.reduce_mean(tf.stack([results[name] for results in per_model]))
+        return logs
+
+    def _make_train_function(self):
+        @tf.function
+        def train_function(iterator):
+            self.strategy.run(self._replica_train_step, args=(next(iterator),))
+            return self._train_logs()
+
+        return train_function
+
+    def _replica_test_step(self, data):
+        x, y = data
+        probabilities = []
+        for model, tracker in zip(self.models, self._trackers):
+            y_pred = model(x, training=False)
+            tracker.update(self.loss(y, y_pred) + self._regularization(model), y, y_pred)
+            probabilities.append(self.ensemble.probabilities(y_pred))
+        ensemble = keras.ops.mean(keras.ops.stack(probabilities), axis=0)
+        self._ensemble_tracker.update(self._ensemble_loss(y, ensemble), y, ensemble)
+
+    def _make_test_function(self):
+        @tf.function(reduce_retracing=True)
+        def test_function(batch):
+            self.strategy.run(self._replica_test_step, args=(batch,))
+
+        return test_function
+
+    def _results(self):
+        """All trackers' results, read in cross-replica context (one compiled function, built once)."""
+        if self._results_function is None:
+            @tf.function
+            def results():
+                logs = self._train_logs()
+                logs.update({f"{name}_ensemble": value for name, value in self._ensemble_tracker.results().items()})
+                return logs
+
+            self._results_function = results
+        return {name: float(value) for name, value in self._results_function().items()}
+
+    def _sync_replicas(self):
+        """Averages non-trainable float weights (BatchNormalization statistics) over replicas and workers.
+
+        Keras updates them per replica (aggregation "none"), so they drift apart; assigning the mean in
+        cross-replica context gives every replica the same value.
+        """
+        variables = [v for model in self.models for v in model.non_trainable_weights
+                     if v.dtype.startswith("float")]
+        if self.strategy.num_replicas_in_sync == 1 or not variables:
+            return
+        if self._sync_function is None:
+            def replica_means():
+                context = tf.distribute.get_replica_context()
+                return context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in variables])
+
+            @tf.function
+            def sync():
+                means = self.strategy.run(replica_means)
+                for variable, mean in zip(variables, means):
+                    variable.assign(self.strategy.experimental_local_results(mean)[0])
+
+            self._sync_function = sync
+        self._sync_function()
+
+    # Public API.
+
+    def fit(self, train_data, epochs=1, batch_size=None, validation_data=None, callbacks=None,
+            steps_per_epoch=None, initial_epoch=0, validation_batch_size=None, shuffle_buffer=None, verbose="auto"):
+        """Trains the N models; returns a ``keras.callbacks.History``.
+
+        Args:
+          train_data: unbatched examples (a tf.data.Dataset of (x, y) or a tuple of arrays) with ``batch_size``,
+            each model shuffling them with its own seed per epoch; or a function ``(model_index, input_context)``
+            (optionally with an ``epoch`` keyword) returning model k's per-replica batched dataset.
+          epochs: train until this epoch (as Keras: ``epochs - initial_epoch`` epochs).
+          batch_size: global batch per model; must be divisible by the number of replicas.
+          validation_data: a tf.data.Dataset of (x, y) (batched or not) or a tuple (x, y) of arrays.
+          callbacks: Keras callbacks; ``callback.model`` is :attr:`ensemble`. FilterStats callbacks without
+            models measure the peers.
+          steps_per_epoch: steps per epoch (needed for infinite data).
+          initial_epoch: first epoch; a checkpoint in ``backup_dir`` from a later epoch takes precedence.
+          validation_batch_size: batch for unbatched validation data (default ``batch_size`` or 32).
+          shuffle_buffer: shuffle buffer of the unbatched case (default: the whole dataset when its size is known).
+          verbose: 0 silent, 1 progress bar, 2 one line per epoch; "auto" is 1.
+
+        Logs per model (``loss_0``, ``accuracy_1``), their mean over models (``loss``, ``accuracy``), validation
+        per model, mean and ensemble (``val_loss_0``, ``val_accuracy``, ``val_accuracy_ensemble``), learning rates
+        (``learning_rate_0``), ``nonfinite_models`` (models whose epoch loss is NaN or Inf; they are not grafted
+        into their peers) and, with grafting on, ``graft_alpha_k``, ``graft_layers_k``, ``graft_skipped_layers_k``
+        and their merge ``graft_alpha``, ``graft_layers``, ``graft_skipped_layers`` (alpha 1 in epochs without a
+        graft).
+        """
+        if int(epochs) != epochs or epochs < 0:
+            raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}.")
+        verbose = 1 if verbose == "auto" else verbose
+        pipelines, examples = self._train_pipelines(train_data, batch_size, shuffle_buffer)
+        steps = self._steps(examples, batch_size, steps_per_epoch)
+        validation = None
+        if validation_data is not None:
+            validation, _ = self._eval_dataset(validation_data, validation_batch_size or batch_size,
+                                               "validation_data")
+        y_spec = pipelines(0, tf.distribute.InputContext(), 0).element_spec[1]
+        self._ensure_metrics(y_spec)
+        if self._schedule is not None and steps is None:
+            raise ValueError("lr_schedule needs the number of steps per epoch: pass steps_per_epoch.")
+        self._steps_per_epoch.assign(steps or 1)
+        self._schedule_epochs.assign(int(epochs))
+
+        start = int(initial_epoch)
+        if self._backup is not None and self._backup.restore():
+            start = max(start, int(self._epoch.numpy()))
+        callback_list = self._callback_list(callbacks, verbose, epochs, steps)
+        if self._train_function is None:
+            self._train_function = self._make_train_function()
+        self.ensemble.stop_training = False
+        callback_list.on_train_begin()
+        epoch_logs = {}
+        for epoch in range(start, int(epochs)):
+            epoch_logs = self._run_epoch(epoch, pipelines, steps, validation, callback_list)
+            if self.ensemble.stop_training:
+                break
+        callback_list.on_train_end(logs=epoch_logs)
+        return self.ensemble.history
+
+    def _callback_list(self, callbacks, verbose, epochs, steps):
+        callbacks = list(callbacks or [])
+        for callback in callbacks:
+            if isinstance(callback, callbacks_lib.Grafting) and callback.peers is None:
+                raise ValueError("Pass the Grafting settings as GraftTrainer(grafting=Grafting(...)); the trainer "
+                                 "grafts its models in a ring.")
+            if isinstance(callback, callbacks_lib.FilterStats) and callback.models is None:
+                callback.models = self.models
+        return keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
+                                            model=self.ensemble, verbose=verbose, epochs=epochs, steps=steps)
+
+    def _run_epoch(self, epoch, pipelines, steps, validation, callback_list):
+        for tracker in self._trackers:
+            tracker.reset()
+        callback_list.on_epoch_begin(epoch)
+        iterator = self._epoch_iterator(pipelines, epoch)
+        step = 0
+        while steps is None or step < steps:
+            callback_list.on_train_batch_begin(step)
+            try:
+                logs = self._train_function(iterator)
+            except (tf.errors.OutOfRangeError, StopIteration):
+                break
+            callback_list.on_train_batch_end(step, logs)
+            step += 1
+            if self.ensemble.stop_training:
+                break
+        logs = {name: value for name, value in self._results().items() if not name.endswith("_ensemble")}
+        healthy = [math.isfinite(logs[f"loss_{k}"]) for k in range(self.num_models)]
+        logs["nonfinite_models"] = healthy.count(False)
+        if not all(healthy):
+            logging.warning("Epoch %d: models %s have a non-finite loss; they are not grafted into their peers.",
+                            epoch + 1, [k for k, ok in enumerate(healthy) if not ok])
+        self._sync_replicas()
+        logs.update(self._graft(epoch, healthy))
+        if validation is not None:
+            logs.update({f"val_{name}": value for name, value in self._evaluate(validation, callback_list).items()})
+        for k, optimizer in enumerate(self.optimizers):
+            logs[f"learning_rate_{k}"] = float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+        self._epoch.assign(epoch + 1)
+        if self._backup is not None:
+            self._backup.save()
+        callback_list.on_epoch_end(epoch, logs)
+        return logs
+
+    def _graft(self, epoch, healthy):
+        if self._ring is None:
+            return {}
+        if (epoch + 1) % self.grafting.every_n_epochs:
+            logs = {f"graft_{key}_{k}": value for k in range(self.num_models)
+                    for key, value in (("alpha", 1.0), ("layers", 0), ("skipped_layers", 0))}
+            return {**logs, "graft_alpha": 1.0, "graft_layers": 0, "graft_skipped_layers": 0}
+        with self.strategy.scope():
+            results = self._ring(healthy)
+        logs = callbacks_lib.merge_logs(results)
+        for k, result in enumerate(results):
+            logs.update({f"{key}_{k}": value for key, value in result.logs().items()})
+        return logs
+
+    def _evaluate(self, distributed_data, callback_list=None):
+        if self._test_function is None:
+            self._test_function = self._make_test_function()
+        for tracker in [*self._trackers, self._ensemble_tracker]:
+            tracker.reset()
+        if callback_list is not None:
+            callback_list.on_test_begin()
+        for step, batch in enumerate(distributed_data):
+            if callback_list is not None:
+                callback_list.on_test_batch_begin(step)
+            self._test_function(batch)
+            if callback_list is not None:
+                callback_list.on_test_batch_end(step)
+        logs = self._results()
+        if callback_list is not None:
+            callback_list.on_test_end(logs)
+        return logs
+
+    def evaluate(self, data, batch_size=None):
+        """Loss and metrics per model (``loss_0``), their mean (``loss``) and the ensemble's (``loss_ensemble``).
+
+        ``data`` as ``validation_data`` in :meth:`fit`. The ensemble averages the models' probabilities.
+        """
+        distributed, y_spec = self._eval_dataset(data, batch_size, "evaluate data")
+        self._ensure_metrics(y_spec)
+        return self._evaluate(distributed)
+
+    def predict(self, x, ensemble=True, batch_size=32):
+        """Predictions for ``x`` (arrays, or a dataset of x or of (x, y), batched or not).
+
+        Returns the ensemble's mean probabilities, or with ``ensemble=False`` a list of each model's outputs.
+        """
+        dataset = x if isinstance(x, tf.data.Dataset) else tf.data.Dataset.from_tensor_slices(x)
+        if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:
+            dataset = dataset.map(lambda inputs, _: inputs)
+        if not self._inputs_batched(dataset.element_spec, "predict data", dataset.element_spec):
+            dataset = dataset.batch(batch_size)
+        if self._predict_function is None:
+            self._predict_function = tf.function(
+                lambda inputs: [peer(inputs, training=False) for peer in self.models], reduce_retracing=True)
+        outputs = [[] for _ in self.models]
+        for inputs in dataset:
+            for k, y_pred in enumerate(self._predict_function(inputs)):
+                outputs[k].append(y_pred.numpy())
+        outputs = [np.concatenate(chunks) for chunks in outputs]
+        if not ensemble:
+            return outputs
+        return np.mean([keras.ops.convert_to_numpy(self.ensemble.probabilities(o)) for o in outputs], axis=0)
