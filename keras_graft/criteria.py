@@ -81,16 +81,20 @@ def entropy(kernel, bins=10, per_filter=False, filter_axes=-1):
 
 
 def _tensor_entropy(values, bins):
-    """Entropy of one tensor's histogram; ``histogram_fixed_width`` puts the maximum in the last bin."""
+    """Entropy of one tensor's histogram; ``histogram_fixed_width`` puts the maximum in the last bin.
+
+    NaN for a tensor holding NaN or Inf.
+    """
     values = tf.reshape(tf.cast(values, tf.float32), [-1])
+    finite = tf.math.is_finite(tf.reduce_sum(values))
+    values = tf.where(finite, values, tf.zeros_like(values))
     low = tf.reduce_min(values)
     high = tf.reduce_max(values)
-    spread = tf.logical_and(tf.math.is_finite(high - low), high > low)
-    low = tf.where(spread, low, tf.zeros_like(low))  # constant (H = 0) or non-finite: any valid range
-    high = tf.where(spread, high, low + 1.0)
+    high = tf.where(high > low, high, low + 1.0)  # a constant tensor: one full bin, H = 0
     counts = tf.cast(tf.histogram_fixed_width(values, tf.stack([low, high]), nbins=bins), tf.float32)
     p = counts / tf.cast(tf.size(values), tf.float32)
-    return -tf.reduce_sum(p * tf.math.log(tf.where(p > 0, p, tf.ones_like(p))))
+    entropy_value = -tf.reduce_sum(p * tf.math.log(tf.where(p > 0, p, tf.ones_like(p))))
+    return tf.where(finite, entropy_value, float("nan"))
 
 
 def l1_norm(kernel, per_filter=True, filter_axes=-1):

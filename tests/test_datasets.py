@@ -14,6 +14,8 @@ from absl.testing import parameterized
 
 from keras_graft import datasets as D
 
+import testing_utils
+
 _HAVE_LOCAL_FMNIST = all(
     os.path.isfile(os.path.join(D.DEBIAN_FASHION_MNIST_DIR, f))
     for f in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
@@ -333,7 +335,7 @@ class PerModelTest(tf.test.TestCase):
         cpus = tf.config.list_logical_devices("CPU")
         if len(cpus) < 2:
             self.skipTest("needs two logical CPUs (tests/conftest.py)")
-        strategy = tf.distribute.MirroredStrategy([d.name for d in cpus[:2]])
+        strategy = testing_utils.mirrored_strategy()
         fn = D.per_model_dataset_fn("fashion_mnist_local", 64, subset=256, base_seed=0)
         dist = strategy.distribute_datasets_from_function(lambda ctx: fn(1, ctx))
         x, y = next(iter(dist))

@@ -8,6 +8,7 @@ import tensorflow as tf
 
 from keras_graft import grafting
 
+import testing_utils
 from test_criteria import np_entropy
 
 
@@ -212,7 +213,7 @@ class BadInputTest(tf.test.TestCase):
 class StrategyTest(tf.test.TestCase):
 
     def test_ring_under_mirrored_strategy_keeps_replicas_equal(self):
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = testing_utils.mirrored_strategy()
         with strategy.scope():
             models = [small_net(1), small_net(2)]
             for m in models:

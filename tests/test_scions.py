@@ -8,6 +8,8 @@ import tensorflow as tf
 import keras_graft
 from keras_graft import scions
 
+import testing_utils
+
 # (layer, kernel attribute, filter axes) of conv_net, written out here rather than taken from keras_graft.layouts.
 KERNELS = [
     ("conv", "kernel", (3,)),
@@ -260,7 +262,7 @@ class StrategyTest(tf.test.TestCase):
             self.assertAllEqual(replicas[0], replicas[1])
 
     def test_scions_keep_replicas_equal_and_match_one_device(self):
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = testing_utils.mirrored_strategy()
         with strategy.scope():
             distributed = conv_net(6)
             shrink(distributed, [3, 10, 2, 3])
@@ -273,7 +275,7 @@ class StrategyTest(tf.test.TestCase):
                 self.assertAllClose(mirrored.numpy(), single.numpy(), rtol=1e-6, atol=1e-7)
 
     def test_fit_with_scion_keeps_replicas_equal(self):
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = testing_utils.mirrored_strategy()
         with strategy.scope():
             model = compiled(conv_net(7))
         history = model.fit(*data(), batch_size=8, epochs=1, verbose=0,
