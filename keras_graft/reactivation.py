@@ -3,10 +3,12 @@
 Prakash et al., "RePr: Improved Training of Convolutional Filters" (CVPR 2019). Training runs in cycles:
 
 1. *full* (S1 epochs or steps): the whole network trains;
-2. ranking: every filter of every convolution layer except the first gets RePr's inter-filter overlap score.
-   The filters of a layer, flattened to rows and normalised, form W (J rows); P = |W W^T - I| and
-   score_f = sum_j P[f, j] / J (:func:`keras_graft.criteria.orthogonality`). The ``prune_ratio`` share of all
-   ranked filters with the highest scores is dropped, globally across layers, never every filter of one layer;
+2. ranking: every filter of every convolution layer except the first gets RePr's inter-filter overlap score
+   (depthwise convolutions are not ranked: each of their filters reads its own input channel, so two of them
+   overlapping is no redundancy; SeparableConv ranks its pointwise filters). The filters of a layer, flattened
+   to rows and normalised, form W (J rows); P = |W W^T - I| and score_f = sum_j P[f, j] / J
+   (:func:`keras_graft.criteria.orthogonality`). The ``prune_ratio`` share of all ranked filters with the
+   highest scores is dropped, globally across layers, never every filter of one layer;
 3. *pruned* (S2): the sub-network trains while the dropped filters are held at exactly zero;
 4. re-initialisation: each dropped filter gets a new value orthogonal to the surviving filters of its layer and
    to the dropped filters' values from before the drop, and the next cycle starts.
@@ -52,6 +54,7 @@ FULL, PRUNED, DONE = range(len(PHASES))
 UNITS = ("epoch", "step")
 #: Re-initialisation levels, best first: orthogonal to survivors and pre-drop values, to survivors, none.
 LEVELS = ("orthogonal", "survivors", "initializer")
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
 
 def phase_at(unit, s1, s2, cycles):
@@ -149,6 +152,12 @@ def optimizer_slots(optimizer, variable):
 
     slot_lists = [value for value in vars(optimizer).values() if aligned(value)]
     return [slots[index] for slots in slot_lists if slots[index] is not None]
+
+
+def _initializer(layer, variable):
+    """The initializer ``layer`` made ``variable`` with: ``<name>_initializer`` (``pointwise_kernel`` reads
+    ``pointwise_initializer``), zeros when the layer has none."""
+    return getattr(layer, f"{variable.name.replace('_kernel', '')}_initializer", None) or "zeros"
 
 
 def _initializer_draw(initializer, shape, rng):
@@ -302,8 +311,8 @@ class RePr(keras.callbacks.Callback):
             self._states[id(self.model)] = state
         return state
 
-    def _plans(self, model):
-        """The ranked layers of ``model``, validated before any weight changes."""
+    @staticmethod
+    def _check_model(model):
         if not model.built or not model.weights:
             raise ValueError(f"Model '{model.name}' is not built: build it (call it on data or give it an Input) "
                              "before training with RePr.")
@@ -313,6 +322,10 @@ class RePr(keras.callbacks.Callback):
         if getattr(model, "steps_per_execution", 1) != 1:
             raise ValueError("RePr holds dropped filters at zero after every step, which callbacks only see with "
                              f"steps_per_execution=1; model '{model.name}' has {model.steps_per_execution}.")
+
+    def _plans(self, model):
+        """The ranked layers of ``model``: every convolution after the first, depthwise ones excepted."""
+        self._check_model(model)
         convs = layouts.filter_layers(model)
         if len(convs) < 2:
             raise ValueError(f"RePr needs at least two convolution layers (the first is never pruned); model "
@@ -322,6 +335,8 @@ class RePr(keras.callbacks.Callback):
         groups = {group.name: group for group in groups_lib.graft_structure(model).groups}
         plans = []
         for layer in convs[1:]:
+            if isinstance(layer, _DEPTHWISE):
+                continue
             members = [(weights[i], axes, owners[id(weights[i])]) for i, axes in groups[layer.name].members]
             plan = _LayerPlan(layer, members)
             scores = self.criterion(plan.kernel.value, per_filter=True, filter_axes=plan.axes)
@@ -331,7 +346,7 @@ class RePr(keras.callbacks.Callback):
             plans.append(plan)
         if all(plan.num_filters < 2 for plan in plans):
             raise ValueError(f"RePr cannot drop any filter of model '{model.name}': no convolution layer after the "
-                             "first has two filters or more.")
+                             "first (depthwise ones aside) has two filters or more.")
         return plans
 
     def state_of(self, model=None):
@@ -351,6 +366,7 @@ class RePr(keras.callbacks.Callback):
     # -- Keras hooks -------------------------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
+        self._check_model(self.model)
         self._state()
 
     def on_train_batch_end(self, batch, logs=None):
@@ -441,7 +457,7 @@ class RePr(keras.callbacks.Callback):
         """Writes the new kernel rows of one layer's ``dropped`` filters; returns the level reached."""
         kernel = plan.kernel.numpy()
         rows = to_rows(kernel, plan.axes).astype(np.float64)
-        fresh = to_rows(_initializer_draw(plan.layer.kernel_initializer, kernel.shape, self._rng), plan.axes)
+        fresh = to_rows(_initializer_draw(_initializer(plan.layer, plan.kernel), kernel.shape, self._rng), plan.axes)
         if not np.any(fresh):
             fresh = self._rng.normal(0.0, math.sqrt(2.0 / rows.shape[1]), fresh.shape)
         survivors = np.delete(rows, dropped, axis=0)
@@ -456,10 +472,9 @@ class RePr(keras.callbacks.Callback):
 
     def _reset_to_initializer(self, var, axes, owner, dropped):
         """Sets the dropped filters' entries of ``var`` (a bias, gamma, beta, moving statistic) to their initial
-        values, drawn from ``owner``'s ``<name>_initializer`` (zeros when it has none)."""
-        initializer = getattr(owner, f"{var.name}_initializer", None) or "zeros"
+        values, drawn from the initializer ``owner`` made it with."""
         value = var.numpy()
         selected = np.zeros(int(np.prod(_filter_shape(value.shape, axes))), bool)
         selected[dropped] = True
-        initial = _initializer_draw(initializer, value.shape, self._rng)
+        initial = _initializer_draw(_initializer(owner, var), value.shape, self._rng)
         var.assign(np.where(selected.reshape(_filter_shape(value.shape, axes)), initial, value).astype(value.dtype))

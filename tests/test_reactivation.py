@@ -5,7 +5,7 @@ import numpy as np
 import tensorflow as tf
 from absl.testing import parameterized
 
-from keras_graft import criteria
+from keras_graft import criteria, layouts
 from keras_graft import reactivation
 from keras_graft.reactivation import RePr, optimizer_slots, phase_at, select_filters
 
@@ -57,11 +57,21 @@ def data(n=16, channels=3, seed=0):
     return rng.normal(size=(n, 6, 6, channels)).astype(np.float32), np.arange(n) % 3
 
 
-def dropped_variables(model, layer):
-    """The weights of ``layer`` and its BN that carry its filters on their last axis, with their optimizer slots."""
-    conv, bn = model.get_layer(layer), model.get_layer("bn" + layer[1:])
-    variables = [conv.kernel, conv.bias, bn.gamma, bn.beta]
-    return [(v.path, slot) for v in variables for slot in [v] + optimizer_slots(model.optimizer, v)]
+def dropped_variables(model, layer, bn=None):
+    """[(path, variable, filter axes)] of the weights that carry ``layer``'s filters (its kernel, bias and the
+    following BN's gamma and beta, ``bn`` or "bn<i>" for "c<i>") and of their optimizer slots."""
+    conv = model.get_layer(layer)
+    norm = model.get_layer(bn or "bn" + layer[1:])
+    kernel, axes = layouts.primary_kernel(conv)
+    variables = [(kernel, axes), (conv.bias, (-1,)), (norm.gamma, (-1,)), (norm.beta, (-1,))]
+    return [(v.path, slot, a) for v, a in variables for slot in [v] + optimizer_slots(model.optimizer, v)]
+
+
+def assert_filters_zero(test, model, indices, bn_names=None):
+    for layer, dropped in indices.items():
+        for path, variable, axes in dropped_variables(model, layer, (bn_names or {}).get(layer)):
+            rows = np_rows(variable.numpy(), axes)[dropped]
+            test.assertAllEqual(rows, np.zeros_like(rows), msg=f"{path} of a dropped filter")
 
 
 class Recorder(keras.callbacks.Callback):
@@ -84,22 +94,17 @@ class Recorder(keras.callbacks.Callback):
 class HeldAtZero(keras.callbacks.Callback):
     """After RePr at every step of S2: the dropped filters' weights and optimizer slots are exactly zero."""
 
-    def __init__(self, test, repr_callback, layers):
+    def __init__(self, test, repr_callback, bn_names=None):
         super().__init__()
         self.test = test
         self.repr = repr_callback
-        self.layers = layers
+        self.bn_names = bn_names
         self.checked_steps = 0
 
     def on_train_batch_end(self, batch, logs=None):
-        if self.repr.state_of()[0] != "pruned":
-            return
-        indices = self.repr.history[-1]["indices"]
-        for layer in self.layers:
-            for path, variable in dropped_variables(self.model, layer):
-                value = variable.numpy()[..., indices.get(layer, [])]
-                self.test.assertAllEqual(value, np.zeros_like(value), msg=f"{path} of a dropped filter")
-        self.checked_steps += 1
+        if self.repr.state_of()[0] == "pruned":
+            assert_filters_zero(self.test, self.model, self.repr.history[-1]["indices"], self.bn_names)
+            self.checked_steps += 1
 
 
 class ScoreTest(tf.test.TestCase, parameterized.TestCase):
@@ -209,7 +214,7 @@ class HoldTest(tf.test.TestCase, parameterized.TestCase):
     def test_dropped_filters_and_slots_stay_zero_through_s2(self, optimizer):
         model = compiled(conv_net(), optimizer)
         repr_callback = RePr(s1=1, s2=2, prune_ratio=0.3, cycles=1)
-        checker = HeldAtZero(self, repr_callback, ["c1", "c2"])
+        checker = HeldAtZero(self, repr_callback)
         model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
         self.assertEqual(checker.checked_steps, 4)  # S2: 2 epochs of 2 steps
         expected_slots = {"sgd": 1, "adam": 2}[optimizer]
@@ -263,7 +268,7 @@ class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
             for variable, initial in ((layer.bias, 0.0), (bn.gamma, 1.0), (bn.beta, 0.0),
                                       (bn.moving_mean, 0.0), (bn.moving_variance, 1.0)):
                 self.assertAllEqual(variable.numpy()[indices], np.full(len(indices), initial))
-            for path, slot in dropped_variables(model, name):
+            for path, slot, _ in dropped_variables(model, name):
                 if slot.path != path:
                     self.assertAllEqual(slot.numpy()[..., indices], np.zeros_like(slot.numpy()[..., indices]))
 
@@ -285,6 +290,35 @@ class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
         rows = np_rows(model.get_layer("c1").kernel.numpy(), (-1,))
         self.assertTrue(np.all(np.linalg.norm(rows[indices], axis=1) > 0))
         if level == "survivors":
+            survivors = unit_rows(np.delete(rows, indices, axis=0))
+            self.assertLess(np.max(np.abs(unit_rows(rows[indices]) @ survivors.T)), 1e-5)
+
+
+class LayoutTest(tf.test.TestCase):
+
+    def test_separable_depthwise_and_transposed_convolutions(self):
+        """SeparableConv ranks its pointwise filters, Conv2DTranspose its axis -2, depthwise layers are skipped."""
+        keras.utils.set_random_seed(4)
+        inputs = keras.Input((6, 6, 3))
+        x = keras.layers.Conv2D(8, 3, padding="same", name="c0")(inputs)
+        x = keras.layers.SeparableConv2D(3, 3, padding="same", name="sep")(x)
+        x = keras.layers.BatchNormalization(name="bn_sep")(x)
+        x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+        x = keras.layers.Conv2DTranspose(4, 3, padding="same", name="up")(x)
+        x = keras.layers.BatchNormalization(name="bn_up")(x)
+        outputs = keras.layers.Dense(3, name="head")(keras.layers.GlobalAveragePooling2D()(x))
+        model = compiled(keras.Model(inputs, outputs))
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.4, cycles=1, seed=1)
+        checker = HeldAtZero(self, repr_callback, {"sep": "bn_sep", "up": "bn_up"})
+        model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback, checker])
+        self.assertEqual(checker.checked_steps, 2)
+        drop, reinit = repr_callback.history
+        self.assertEqual(sum(drop["dropped"].values()), 3)  # round(0.4 * (3 + 4))
+        self.assertContainsSubset(drop["indices"], {"sep", "up"})
+        self.assertEqual(set(reinit["levels"].values()), {"orthogonal"})
+        for name, indices in drop["indices"].items():
+            kernel, axes = layouts.primary_kernel(model.get_layer(name))
+            rows = np_rows(kernel.numpy(), axes)
             survivors = unit_rows(np.delete(rows, indices, axis=0))
             self.assertLess(np.max(np.abs(unit_rows(rows[indices]) @ survivors.T)), 1e-5)
 
@@ -315,9 +349,7 @@ class TrainerLoopTest(tf.test.TestCase):
         self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "reinit"])
         repr_callback.set_model(models[1])
         self.assertEqual([e["event"] for e in repr_callback.history], ["drop"])
-        for name, dropped in repr_callback.history[0]["indices"].items():
-            for _, variable in dropped_variables(models[1], name):
-                self.assertAllEqual(variable.numpy()[..., dropped], np.zeros_like(variable.numpy()[..., dropped]))
+        assert_filters_zero(self, models[1], repr_callback.history[0]["indices"])
 
 
 class DistributedTest(tf.test.TestCase):
@@ -327,7 +359,7 @@ class DistributedTest(tf.test.TestCase):
         with strategy.scope():
             model = compiled(conv_net())
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=0)
-        checker = HeldAtZero(self, repr_callback, ["c1", "c2"])
+        checker = HeldAtZero(self, repr_callback)
         model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
         self.assertEqual(checker.checked_steps, 2)
         self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "reinit"])
