@@ -24,13 +24,14 @@ dropped channel are left alone, as in the paper: they receive no gradient throug
 values for when the filter comes back.
 
 Re-initialisation. With rows flattened like the kernel's filters (``d`` values each), the constraint matrix C
-stacks the surviving rows and the dropped filters' pre-drop rows. A complete QR decomposition C^T = Q R gives in
-Q[:, r:] (r = rows of C) an orthonormal basis of the vectors orthogonal to every row of C; random combinations
-of that basis, orthonormalised, become the new filters, scaled to the root-mean-square row norm of a fresh draw
-of the layer's ``kernel_initializer`` (He normal, sqrt(2 / d) per value, when that draw is all zeros). When the
-null space is smaller than the number of dropped filters (d < r + k), the new filters are orthogonal to the
-survivors only (level ``"survivors"``), and when even that does not fit, they are a fresh draw of the initializer
-(level ``"initializer"``); each fallback is logged as a warning and counted. The bias, gamma, beta and moving
+stacks the surviving rows and the dropped filters' pre-drop rows. A QR decomposition C^T = Q R gives an
+orthonormal basis Q of C's rows; random Gaussian vectors with their Q components removed lie in C's null space,
+and orthonormalised, they become the new filters, scaled to the root-mean-square row norm of a fresh draw
+of the layer's kernel initializer (He normal, sqrt(2 / d) per value, when that draw is all zeros). With r rows
+in C and k dropped filters, the null space is only sure to hold k directions when d >= r + k. Where it is not,
+the new filters are orthogonal to the survivors only (level ``"survivors"``), and where even that does not fit,
+they are a fresh draw of the initializer (level ``"initializer"``); each fallback is logged as a warning and
+counted. The bias, gamma, beta and moving
 statistics of a re-initialised filter return to their layers' initial values, and its optimizer slots stay zero.
 """
 
@@ -114,17 +115,21 @@ def _filter_shape(shape, axes):
 def orthogonal_directions(constraint_sets, count, dim, rng):
     """``count`` orthonormal vectors of length ``dim`` orthogonal to every row of the first usable constraint set.
 
-    Tries each ``(rows, dim)`` matrix of ``constraint_sets`` in turn: with r rows, a complete QR decomposition of
-    its transpose leaves a null space Q[:, r:] of dimension dim - r, usable when it holds ``count`` vectors.
-    Returns (vectors as rows, index of the set used), or (None, len(constraint_sets)) when none fits.
+    Tries each ``(rows, dim)`` matrix C of ``constraint_sets`` in turn; with r rows its null space has at least
+    dim - r dimensions and is usable when that is ``count`` or more. A QR decomposition C^T = Q R gives an
+    orthonormal basis Q of C's row space; Gaussian vectors projected off it (twice, against rounding), then
+    orthonormalised, are uniformly random directions of the null space. Returns (vectors as rows, index of the
+    set used), or (None, len(constraint_sets)) when none fits.
     """
     for level, constraints in enumerate(constraint_sets):
-        rank = constraints.shape[0]
-        if dim - rank < count:
+        if dim - constraints.shape[0] < count:
             continue
-        basis = np.linalg.qr(constraints.T, mode="complete")[0][:, rank:] if rank else np.eye(dim)
-        mixed = basis @ rng.standard_normal((basis.shape[1], count))
-        return np.linalg.qr(mixed)[0].T, level
+        vectors = rng.standard_normal((dim, count))
+        if constraints.shape[0]:
+            basis = np.linalg.qr(constraints.T)[0]
+            for _ in range(2):
+                vectors -= basis @ (basis.T @ vectors)
+        return np.linalg.qr(vectors)[0].T, level
     return None, len(constraint_sets)
 
 
