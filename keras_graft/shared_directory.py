@@ -124,9 +124,9 @@ class SharedDirectory(peers.PeerSource):
         world_size = int(world_size)
         if keep is None:
             keep = max(2, world_size - 1)
-        if int(keep) != keep or keep < max(1, world_size - 1):
+        if int(keep) != keep or keep < world_size - 1:
             raise ValueError(f"keep must be an integer >= world_size - 1 = {world_size - 1}, got keep={keep!r}: a "
-                             "rank can be that many rounds behind its predecessor and still need its files.")
+                             "rank's successor can still need the files of its last world_size - 1 rounds.")
         self.path = str(path).rstrip("/")
         self.rank = int(rank)
         self.world_size = world_size
