@@ -188,7 +188,6 @@ class _LayerPlan:
         self.num_filters = int(np.prod([self.kernel.shape[a] for a in layouts.normalize_axes(
             self.axes, len(self.kernel.shape))]))
         self.members = [(var, axes, owner) for var, axes, owner in members if axes is not None]
-        self.mask = None
 
     @property
     def name(self):
@@ -196,16 +195,16 @@ class _LayerPlan:
 
 
 class _ModelState:
-    """RePr's schedule and dropped filters for one model."""
+    """RePr's schedule and dropped filters for one model trained by ``optimizer``."""
 
-    def __init__(self, model, plans):
+    def __init__(self, model, optimizer, plans):
         self.model = model
+        self.optimizer = optimizer
         self.plans = plans
         self.units_done = 0
         self.dropped = {}  # plan index -> indices of the filters dropped in the latest cycle
         self.pre_drop = {}  # plan index -> pre-drop rows of the dropped filters
         self.fallbacks = 0
-        self.events = []
         self._hold = None
 
     @property
@@ -213,32 +212,37 @@ class _ModelState:
         return int(sum(len(i) for i in self.dropped.values()))
 
     def drop(self, dropped):
-        """Records ``dropped`` ({plan index: filter indices}) and sets the layer masks to hold those at zero."""
-        if self._hold is None:
-            self._hold = self._hold_function()
+        """Holds the filters ``dropped`` ({plan index: filter indices}) at zero from the next :meth:`hold` on."""
         self.dropped = dropped
-        for i, plan in enumerate(self.plans):
-            keep = np.ones(plan.num_filters, np.float32)
-            keep[dropped.get(i, [])] = 0.0
-            plan.mask.assign(keep)
+        self._hold = None
+
+    def use_optimizer(self, optimizer):
+        """Follows a new optimizer (a recompiled model): the next hold clears its slots."""
+        if optimizer is not self.optimizer:
+            self.optimizer, self._hold = optimizer, None
 
     def hold(self):
-        """Zeroes the dropped filters' weights and optimizer slots (one compiled call, no host transfer)."""
+        """Zeroes the dropped filters' weights and optimizer slots: one compiled call, traced once per drop."""
+        if self._hold is None:
+            self._hold = self._hold_function()
         self._hold()
 
     def _hold_function(self):
-        """A tf.function multiplying every filter-carrying weight and its optimizer slots by its layer's mask."""
+        """A tf.function multiplying each weight that carries dropped filters, and its optimizer slots, by a
+        0/1 mask along its filter axes."""
         targets = []
-        for plan in self.plans:
-            plan.mask = tf.Variable(tf.ones([plan.num_filters]), trainable=False, name=f"repr_mask_{plan.name}")
+        for i, dropped in self.dropped.items():
+            plan = self.plans[i]
+            keep = np.ones(plan.num_filters, np.float32)
+            keep[dropped] = 0.0
             for var, axes, _ in plan.members:
                 if var.trainable:
-                    shape = _filter_shape(var.shape, axes)
-                    targets += [(v, plan.mask, shape) for v in [var] + optimizer_slots(self.model.optimizer, var)]
+                    mask = keep.reshape(_filter_shape(var.shape, axes))
+                    targets += [(v, mask) for v in [var] + optimizer_slots(self.optimizer, var)]
 
         def hold():
-            for variable, mask, shape in targets:
-                variable.assign(variable.value * tf.cast(tf.reshape(mask, shape), variable.dtype))
+            for variable, mask in targets:
+                variable.assign(variable.value * tf.constant(mask, variable.dtype))
 
         return tf.function(hold, autograph=False)
 
@@ -246,16 +250,17 @@ class _ModelState:
 class RePr(keras.callbacks.Callback):
     """RePr training schedule (Prakash et al., CVPR 2019) as a Keras callback; see the module docstring.
 
-    ``model.fit(x, y, epochs=..., callbacks=[RePr(s1=20, s2=10)])``. Also works in a custom loop that calls
-    ``set_model(model)`` and then ``on_train_begin``, ``on_train_batch_end`` and ``on_epoch_end`` (one schedule
-    per model, so one callback can serve several models). The model's optimizer must be ``model.optimizer``.
-    The schedule counts the epochs or steps this callback has seen for the model and continues across ``fit``
-    calls.
+    ``model.fit(x, y, epochs=..., callbacks=[RePr(s1=20, s2=10)])``. Each model has its own schedule, which
+    counts the epochs or steps this callback has seen for it and continues across ``fit`` calls. A custom loop
+    either calls ``set_model(model)`` and then ``on_train_begin``, ``on_train_batch_end`` and ``on_epoch_end``
+    for each of its models, or, training several models in one step, sets :attr:`models` (and
+    :attr:`optimizers` where a model's optimizer is not ``model.optimizer``) and calls the hooks once.
 
     Adds to the epoch logs (put it before CSVLogger or TensorBoard): ``repr_phase`` (0 full, 1 pruned, 2 done)
     and ``repr_cycle`` (1-based) of the epoch's last unit, ``repr_dropped`` (filters held at zero in it) and
-    ``repr_fallbacks`` (re-initialised layers that fell back so far). :attr:`history` lists every drop and
-    re-initialisation with per-layer counts and indices, for plotting.
+    ``repr_fallbacks`` (re-initialised layers that fell back so far); with several :attr:`models`, one set per
+    model suffixed ``_0``, ``_1``, ... :attr:`history` lists every drop and re-initialisation with per-layer
+    counts and indices, for plotting.
 
     Args:
       s1: units of full training before each drop.
@@ -288,8 +293,13 @@ class RePr(keras.callbacks.Callback):
         self.unit = unit
         self.verbose = verbose
         self.seed = seed
+        #: Models to act on in every hook instead of ``self.model`` (set by a trainer of several models).
+        self.models = None
+        #: Their optimizers, aligned with ``models``; None: each model's ``model.optimizer``.
+        self.optimizers = None
         self._rng = np.random.default_rng(seed)
         self._states = {}
+        self._events = []
 
     def get_config(self):
         return {
@@ -309,28 +319,40 @@ class RePr(keras.callbacks.Callback):
 
     # -- state per model ---------------------------------------------------------------------------------------
 
-    def _state(self):
-        state = self._states.get(id(self.model))
-        if state is None or state.model is not self.model:
-            state = _ModelState(self.model, self._plans(self.model))
-            self._states[id(self.model)] = state
+    def _targets(self):
+        """[(model, optimizer)] the hooks act on."""
+        models = self.models if self.models is not None else [self.model]
+        optimizers = self.optimizers
+        if optimizers is None:
+            optimizers = [getattr(model, "optimizer", None) for model in models]
+        if len(optimizers) != len(models):
+            raise ValueError(f"RePr has {len(models)} models but {len(optimizers)} optimizers.")
+        return list(zip(models, optimizers))
+
+    def _state(self, model, optimizer):
+        state = self._states.get(id(model))
+        if state is None or state.model is not model:
+            state = _ModelState(model, optimizer, self._plans(model, optimizer))
+            self._states[id(model)] = state
+        state.use_optimizer(optimizer)
         return state
 
     @staticmethod
-    def _check_model(model):
+    def _check_model(model, optimizer):
         if not model.built or not model.weights:
             raise ValueError(f"Model '{model.name}' is not built: build it (call it on data or give it an Input) "
                              "before training with RePr.")
-        if getattr(model, "optimizer", None) is None:
+        if optimizer is None:
             raise ValueError(f"Model '{model.name}' has no optimizer: RePr clears the optimizer slots of dropped "
-                             "filters and finds them through model.optimizer (compile the model, or set it).")
+                             "filters and finds them through model.optimizer (compile the model) or the "
+                             "callback's optimizers.")
         if getattr(model, "steps_per_execution", 1) != 1:
             raise ValueError("RePr holds dropped filters at zero after every step, which callbacks only see with "
                              f"steps_per_execution=1; model '{model.name}' has {model.steps_per_execution}.")
 
-    def _plans(self, model):
+    def _plans(self, model, optimizer):
         """The ranked layers of ``model``: every convolution after the first, depthwise ones excepted."""
-        self._check_model(model)
+        self._check_model(model, optimizer)
         convs = layouts.filter_layers(model)
         if len(convs) < 2:
             raise ValueError(f"RePr needs at least two convolution layers (the first is never pruned); model "
@@ -364,33 +386,39 @@ class RePr(keras.callbacks.Callback):
 
     @property
     def history(self):
-        """Drop and re-initialisation events of the callback's model, oldest first (dicts; see :meth:`_drop`)."""
-        state = self._states.get(id(self.model))
-        return list(state.events) if state is not None else []
+        """Every drop and re-initialisation, oldest first: dicts with ``event`` ("drop" or "reinit"), ``model``
+        (its name), ``cycle``, ``unit`` (the epoch or step the next phase starts at), per-layer ``dropped`` counts
+        and filter ``indices`` (drop), per-layer ``reinitialised`` counts and ``levels`` (reinit)."""
+        return list(self._events)
 
     # -- Keras hooks -------------------------------------------------------------------------------------------
 
     def on_train_begin(self, logs=None):
-        self._check_model(self.model)
-        self._state()
+        for model, optimizer in self._targets():
+            self._check_model(model, optimizer)
+            self._state(model, optimizer)
 
     def on_train_batch_end(self, batch, logs=None):
-        state = self._state()
-        if phase_at(state.units_done, self.s1, self.s2, self.cycles)[0] == PRUNED:
-            state.hold()
-        if self.unit == "step":
-            self._advance(state)
+        for target in self._targets():
+            state = self._state(*target)
+            if phase_at(state.units_done, self.s1, self.s2, self.cycles)[0] == PRUNED:
+                state.hold()
+            if self.unit == "step":
+                self._advance(state)
 
     def on_epoch_end(self, epoch, logs=None):
-        state = self._state()
-        last_unit = state.units_done - 1 if self.unit == "step" else state.units_done
-        phase, cycle = phase_at(max(last_unit, 0), self.s1, self.s2, self.cycles)
-        dropped = state.dropped_count if phase == PRUNED else 0
-        if self.unit == "epoch":
-            self._advance(state)
-        if logs is not None:
-            logs.update({"repr_phase": phase, "repr_cycle": cycle, "repr_dropped": dropped,
-                         "repr_fallbacks": state.fallbacks})
+        targets = self._targets()
+        for k, target in enumerate(targets):
+            state = self._state(*target)
+            last_unit = state.units_done - 1 if self.unit == "step" else state.units_done
+            phase, cycle = phase_at(max(last_unit, 0), self.s1, self.s2, self.cycles)
+            dropped = state.dropped_count if phase == PRUNED else 0
+            if self.unit == "epoch":
+                self._advance(state)
+            if logs is not None:
+                suffix = "" if len(targets) == 1 else f"_{k}"
+                logs.update({f"repr_phase{suffix}": phase, f"repr_cycle{suffix}": cycle,
+                             f"repr_dropped{suffix}": dropped, f"repr_fallbacks{suffix}": state.fallbacks})
 
     # -- schedule ----------------------------------------------------------------------------------------------
 
@@ -405,10 +433,7 @@ class RePr(keras.callbacks.Callback):
             self._reinitialise(state, cycle)
 
     def _drop(self, state, cycle):
-        """Ranks the filters, records the dropped ones' values and zeroes them with their optimizer slots.
-
-        Appends ``{"event": "drop", "cycle", "unit", "dropped": {layer: count}, "indices": {layer: [...]}}``.
-        """
+        """Ranks the filters, records the dropped ones' values and zeroes them with their optimizer slots."""
         scores = [self.criterion(p.kernel.value, per_filter=True, filter_axes=p.axes).numpy() for p in state.plans]
         chosen = select_filters(scores, self.prune_ratio, self.criterion.higher_is_better)
         dropped = {i: idx for i, idx in enumerate(chosen) if idx.size}
@@ -417,11 +442,11 @@ class RePr(keras.callbacks.Callback):
         state.drop(dropped)
         state.hold()
         event = {
-            "event": "drop", "cycle": cycle, "unit": state.units_done,
+            "event": "drop", "model": state.model.name, "cycle": cycle, "unit": state.units_done,
             "dropped": {state.plans[i].name: int(idx.size) for i, idx in state.dropped.items()},
             "indices": {state.plans[i].name: idx.tolist() for i, idx in state.dropped.items()},
         }
-        state.events.append(event)
+        self._events.append(event)
         if self.verbose:
             logging.info("RePr %s cycle %d: dropped %d filters %s", state.model.name, cycle, state.dropped_count,
                          event["dropped"])
@@ -429,8 +454,7 @@ class RePr(keras.callbacks.Callback):
     def _reinitialise(self, state, cycle):
         """Gives the dropped filters new values orthogonal to the survivors and to their pre-drop values.
 
-        Appends ``{"event": "reinit", "cycle", "unit", "reinitialised": {layer: count}, "levels": {layer: level}}``
-        with a level of :data:`LEVELS` per layer; levels other than ``"orthogonal"`` count as fallbacks.
+        Each layer reaches a level of :data:`LEVELS`; levels other than ``"orthogonal"`` count as fallbacks.
         """
         state.hold()  # the dropped filters and their slots are zero before their new values arrive
         levels = {}
@@ -449,8 +473,8 @@ class RePr(keras.callbacks.Callback):
                             "surviving and pre-drop filters" if level == LEVELS[1] else "surviving filters",
                             "orthogonal to the surviving filters only" if level == LEVELS[1]
                             else "a fresh draw of the layer's initializer")
-        state.events.append({
-            "event": "reinit", "cycle": cycle, "unit": state.units_done,
+        self._events.append({
+            "event": "reinit", "model": state.model.name, "cycle": cycle, "unit": state.units_done,
             "reinitialised": {state.plans[i].name: int(idx.size) for i, idx in state.dropped.items()},
             "levels": levels,
         })

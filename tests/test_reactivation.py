@@ -325,7 +325,7 @@ class LayoutTest(tf.test.TestCase):
 
 class TrainerLoopTest(tf.test.TestCase):
 
-    def test_one_schedule_per_model_in_a_custom_loop(self):
+    def test_one_schedule_per_model_with_set_model(self):
         """A loop that trains two models with one callback, calling the standard hooks after set_model."""
         models = [compiled(conv_net(seed=1)), compiled(conv_net(seed=2))]
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1)
@@ -345,11 +345,54 @@ class TrainerLoopTest(tf.test.TestCase):
         self.assertEqual(logs["repr_phase"], 1)
         self.assertEqual(repr_callback.state_of(models[0]), ("done", 1, 0))
         self.assertEqual(repr_callback.state_of(models[1]), ("pruned", 1, 5))
-        repr_callback.set_model(models[0])
-        self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "reinit"])
-        repr_callback.set_model(models[1])
-        self.assertEqual([e["event"] for e in repr_callback.history], ["drop"])
-        assert_filters_zero(self, models[1], repr_callback.history[0]["indices"])
+        events = [(e["model"], e["event"]) for e in repr_callback.history]
+        self.assertEqual(events, [(models[0].name, "drop"), (models[1].name, "drop"), (models[0].name, "reinit")])
+        assert_filters_zero(self, models[1], repr_callback.history[1]["indices"])
+
+    def test_models_and_optimizers_set_by_a_trainer(self):
+        """Several models trained in one step, with optimizers of their own (not model.optimizer)."""
+        models = [conv_net(seed=1), conv_net(seed=2)]
+        optimizers = [keras.optimizers.Adam(0.01), keras.optimizers.Adam(0.01)]
+        for model, optimizer in zip(models, optimizers):
+            optimizer.build(model.trainable_variables)
+
+        @tf.function
+        def train_step(x, y):
+            for model, optimizer in zip(models, optimizers):
+                with tf.GradientTape() as tape:
+                    loss = LOSS(y, model(x, training=True))
+                grads = tape.gradient(loss, model.trainable_variables)
+                optimizer.apply_gradients(zip(grads, model.trainable_variables))
+
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1)
+        repr_callback.models, repr_callback.optimizers = models, optimizers
+        repr_callback.on_train_begin()
+        x, y = data()
+        all_logs = []
+        for epoch in range(2):
+            for step in range(2):
+                train_step(x[8 * step: 8 * step + 8], y[8 * step: 8 * step + 8])
+                repr_callback.on_train_batch_end(step)
+                if epoch == 1:
+                    for k, model in enumerate(models):
+                        dropped = repr_callback.history[k]["indices"]
+                        for layer, indices in dropped.items():
+                            for variable in [model.get_layer(layer).kernel, model.get_layer("bn" + layer[1:]).beta]:
+                                for v in [variable] + optimizer_slots(optimizers[k], variable):
+                                    self.assertAllEqual(v.numpy()[..., indices], np.zeros_like(v.numpy()[..., indices]))
+            logs = {}
+            repr_callback.on_epoch_end(epoch, logs)
+            all_logs.append(logs)
+        expected = {"repr_phase": 0, "repr_cycle": 1, "repr_dropped": 0, "repr_fallbacks": 0}
+        self.assertEqual(all_logs[0], {f"{key}_{k}": value for k in range(2) for key, value in expected.items()})
+        self.assertEqual((all_logs[1]["repr_phase_0"], all_logs[1]["repr_dropped_1"]), (1, 5))
+        self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "drop", "reinit", "reinit"])
+
+    def test_optimizers_must_match_models(self):
+        repr_callback = RePr(1, 1)
+        repr_callback.models, repr_callback.optimizers = [conv_net()], []
+        with self.assertRaisesRegex(ValueError, "1 models but 0 optimizers"):
+            repr_callback.on_train_begin()
 
 
 class DistributedTest(tf.test.TestCase):
