@@ -18,10 +18,12 @@ After ``cycles`` cycles the network trains normally (phase *done*).
 What "dropped" means here. A filter's output channel is silenced: the kernel filter, its bias and the scale and
 offset (gamma, beta) of the normalisation layer that directly follows the convolution, if any, are zero, and so
 are the optimizer's slots of all of these (momentum, Adam's first and second moments, ...), so that nothing can
-revive them. A compiled function multiplies these variables by a per-layer 0/1 mask after every training step:
-the step's forward and backward passes always see the filter at zero. The next layer's weights that read the
-dropped channel are left alone, as in the paper: they receive no gradient through a zero channel and keep their
-values for when the filter comes back.
+revive them. A compiled function multiplies these variables by a per-layer 0/1 mask after every training step
+(so the model must run one step per callback call, ``steps_per_execution=1``): the step's forward and backward
+passes always see the filter at zero. Anything else that writes the weights between steps (a graft at an epoch's
+end) can bring a dropped filter back until the next step ends. As in the paper, the next layer's weights that
+read the dropped channel are left alone: a channel that is zero sends them no gradient (weight decay aside), so
+they keep their values for when the filter comes back.
 
 Re-initialisation. With rows flattened like the kernel's filters (``d`` values each), the constraint matrix C
 stacks the surviving rows and the dropped filters' pre-drop rows. A QR decomposition C^T = Q R gives an
@@ -31,8 +33,8 @@ of the layer's kernel initializer (He normal, sqrt(2 / d) per value, when that d
 in C and k dropped filters, the null space is only sure to hold k directions when d >= r + k. Where it is not,
 the new filters are orthogonal to the survivors only (level ``"survivors"``), and where even that does not fit,
 they are a fresh draw of the initializer (level ``"initializer"``); each fallback is logged as a warning and
-counted. The bias, gamma, beta and moving
-statistics of a re-initialised filter return to their layers' initial values, and its optimizer slots stay zero.
+counted. The bias, gamma, beta and moving statistics of a re-initialised filter return to their layers' initial
+values, and its optimizer slots stay zero.
 """
 
 import math
@@ -47,7 +49,8 @@ from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
 from keras_graft import layouts
 
-__all__ = ["RePr", "PHASES", "phase_at", "select_filters", "orthogonal_directions", "optimizer_slots"]
+__all__ = ["RePr", "PHASES", "LEVELS", "phase_at", "select_filters", "orthogonal_directions", "optimizer_slots",
+           "to_rows", "from_rows"]
 
 #: Phase names; ``logs["repr_phase"]`` holds the index (0 full, 1 pruned, 2 done).
 PHASES = ("full", "pruned", "done")
