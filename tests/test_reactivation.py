@@ -275,6 +275,19 @@ class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
                 if slot.path != path:
                     self.assertAllEqual(slot.numpy()[..., indices], np.zeros_like(slot.numpy()[..., indices]))
 
+    def test_seed_repeats_the_new_values(self):
+        def reinitialised_kernel(seed):
+            model = compiled(conv_net(seed=0))
+            repr_callback = RePr(s1=1, s2=1, cycles=1, seed=seed)
+            repr_callback.set_model(model)
+            repr_callback.on_train_begin()
+            for epoch in range(2):  # no training: drop after epoch 0, re-initialise after epoch 1
+                repr_callback.on_epoch_end(epoch)
+            return np.concatenate([model.get_layer(name).kernel.numpy().ravel() for name in ("c1", "c2")])
+
+        self.assertAllEqual(reinitialised_kernel(5), reinitialised_kernel(5))
+        self.assertNotAllClose(reinitialised_kernel(5), reinitialised_kernel(6))
+
     @parameterized.named_parameters(
         # c1: 4 filters of 4 values, 1 dropped: no room next to 4 constraint rows, room next to 3 survivors.
         ("survivors", 4, 4, "survivors"),
