@@ -9,6 +9,8 @@ from keras_graft import criteria, layouts
 from keras_graft import reactivation
 from keras_graft.reactivation import RePr, optimizer_slots, phase_at, select_filters
 
+import testing_utils
+
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
@@ -414,7 +416,7 @@ class TrainerLoopTest(tf.test.TestCase):
 class DistributedTest(tf.test.TestCase):
 
     def test_mirrored_strategy_keeps_replicas_equal(self):
-        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        strategy = testing_utils.mirrored_strategy()
         with strategy.scope():
             model = compiled(conv_net())
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=0)
