@@ -367,11 +367,13 @@ def summarize(records):
         if not runs:
             continue
         runs.sort(key=lambda r: r["seed"])
-        per_model = [a for r in runs for a in r["accuracy"]]
         run_means = [r["mean_accuracy"] for r in runs]
+        base = {r["seed"]: r["mean_accuracy"] for r in records if r["method"] == "baseline"}
+        paired = [r["mean_accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]
         rows.append({
             "method": method, "models": runs[0]["num_models"], "seeds": [r["seed"] for r in runs],
-            "acc": _mean_std(per_model), "acc_run_mean": _mean_std(run_means),
+            "acc": _mean_std(run_means), "paired": _mean_std(paired) if method != "baseline" else None,
+            "per_seed": [round(100 * a, 2) for a in run_means],
             "ensemble": _mean_std([r["ensemble_accuracy"] for r in runs]) if runs[0]["num_models"] > 1 else None,
             "invalid_0.1": float(np.mean([v for r in runs for v in r["invalid_0.1"]])),
             "invalid_0.01": float(np.mean([v for r in runs for v in r["invalid_0.01"]])),
@@ -388,23 +390,27 @@ def report():
     if not records:
         raise app.UsageError(f"No results in {FLAGS.output}.")
     key, rows = summarize(records)
-    lines = [f"Config `{key}` ({len([r for r in records if r['config_key'] == key])} runs). Accuracy: test top-1 "
-             "in %, mean ± sample std over every model of every seed; ensemble: mean ± std over seeds. Invalid: "
-             "mean filters per model with L1 norm below the threshold.", "",
-             "| method | models | seeds | test acc. per model (%) | ensemble (%) | invalid <0.1 | invalid <0.01 | "
-             "s/epoch (all models) | s/epoch per model |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Config `{key}` ({len([r for r in records if r['config_key'] == key])} runs). Test top-1 accuracy "
+             "in %: per model = the mean of the run's models (one number per seed), then mean ± sample std over "
+             "seeds; ensemble (mean probabilities), likewise; paired = the run's per-model accuracy minus the "
+             "baseline's of the same seed (same initialisation and data order of model 0), mean ± std over seeds. "
+             "Invalid: filters per model with L1 norm below the threshold, mean over models and seeds.", "",
+             "| method | models | seeds | test acc. per model (%) | per seed | ensemble (%) | paired vs baseline "
+             "(points) | invalid <0.1 | invalid <0.01 | s/epoch (all models) | s/epoch per model |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         ensemble = _fmt(*row["ensemble"]) if row["ensemble"] else "-"
+        paired = _fmt(*row["paired"], digits=2) if row["paired"] else "-"
         lines.append(f"| {row['method']} ({row['description']}) | {row['models']} | {len(row['seeds'])} | "
-                     f"{_fmt(*row['acc'])} | {ensemble} | {row['invalid_0.1']:.1f} / {row['filters']} | "
+                     f"{_fmt(*row['acc'])} | {', '.join(map(str, row['per_seed']))} | {ensemble} | {paired} | "
+                     f"{row['invalid_0.1']:.1f} / {row['filters']} | "
                      f"{row['invalid_0.01']:.1f} / {row['filters']} | {row['s_epoch']:.2f} | "
                      f"{row['s_epoch_model']:.2f} |")
     base = next((r for r in rows if r["method"] == "baseline"), None)
     if base and base["acc"][0] is not None:
         lines.append("")
         lines.append(f"Baseline: {_fmt(*base['acc'])} %. Difference of each method's mean from the baseline "
-                     "mean, in baseline standard deviations (per-model accuracies):")
+                     "mean, in baseline standard deviations (over seeds):")
         lines.append("")
         for row in rows:
             if row is base:
@@ -414,7 +420,10 @@ def report():
             ens = ""
             if row["ensemble"]:
                 ens = f"; ensemble {100 * (row['ensemble'][0] - base['acc'][0]):+.2f} points"
-            lines.append(f"- {row['method']}: {100 * diff:+.2f} points ({sigma:+.2f} baseline std){ens}")
+            paired = ""
+            if row["paired"] and row["paired"][0] is not None:
+                paired = f"; paired by seed {_fmt(*row['paired'])} points"
+            lines.append(f"- {row['method']}: {100 * diff:+.2f} points ({sigma:+.2f} baseline std){paired}{ens}")
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.report_md)), exist_ok=True)
     with open(FLAGS.report_md, "w") as f:
@@ -435,6 +444,8 @@ def _plot(rows, key):
     means = [100 * r["acc"][0] for r in rows]
     stds = [0 if math.isnan(r["acc"][1]) else 100 * r["acc"][1] for r in rows]
     ax_acc.bar(x - 0.2, means, 0.4, yerr=stds, capsize=3, label="per model", color="tab:blue")
+    for i, r in enumerate(rows):  # each seed's per-model accuracy
+        ax_acc.plot([x[i] - 0.2] * len(r["per_seed"]), r["per_seed"], "k.", markersize=4)
     ens = [100 * r["ensemble"][0] if r["ensemble"] else np.nan for r in rows]
     ens_std = [100 * r["ensemble"][1] if r["ensemble"] and not math.isnan(r["ensemble"][1]) else 0 for r in rows]
     ax_acc.bar(x + 0.2, ens, 0.4, yerr=ens_std, capsize=3, label="ensemble (N > 1)", color="tab:orange")
@@ -442,15 +453,16 @@ def _plot(rows, key):
     if base:
         mean, std = 100 * base["acc"][0], 0 if math.isnan(base["acc"][1]) else 100 * base["acc"][1]
         ax_acc.axhspan(mean - std, mean + std, color="grey", alpha=0.2, label="baseline mean ± std")
-    low = min(m - s for m, s in zip(means, stds))
+    low = min(min(m - s, min(r["per_seed"])) for m, s, r in zip(means, stds, rows))
     ax_acc.set_ylim(max(0, low - 1.5), min(100, max(np.nanmax(ens) if np.isfinite(ens).any() else 0,
                                                     max(means)) + 1.5))
     ax_acc.set_xticks(x, names, rotation=30, ha="right")
     ax_acc.set_ylabel("Fashion-MNIST test accuracy (%)")
     ax_acc.set_title(f"Accuracy, mean ± std ({key})", fontsize=9)
-    ax_acc.legend(fontsize=8, loc="lower right")
+    ax_acc.legend(fontsize=8, loc="lower left")
     ax_inv.bar(x - 0.2, [r["invalid_0.1"] for r in rows], 0.4, label="L1 < 0.1")
     ax_inv.bar(x + 0.2, [r["invalid_0.01"] for r in rows], 0.4, label="L1 < 0.01")
+    ax_inv.set_ylim(0, max(1.0, 1.15 * max(max(r["invalid_0.1"], r["invalid_0.01"]) for r in rows)))
     ax_inv.set_xticks(x, names, rotation=30, ha="right")
     ax_inv.set_ylabel(f"invalid filters per model (of {rows[0]['filters']})")
     ax_inv.legend(fontsize=8)
