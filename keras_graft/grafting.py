@@ -194,7 +194,7 @@ class Grafter:
         self.criterion = criteria_lib.get(criterion or default_criterion(level))
         self.structure = groups_lib.graft_structure(model, layers)
         self._mixer = _Mixer(self.structure, self.criterion, float(a), float(c), level)
-        self._array_function = tf.function(self._graft, autograph=False)
+        self._array_function = tf.function(self._graft_flat, autograph=False)
         self._model_functions = {}
 
     @property
@@ -211,6 +211,14 @@ class Grafter:
         for index, value in values.items():
             weights[index].assign(value)
         return alphas, skipped
+
+    def _graft_flat(self, flat_peer, peer_usable):
+        """Grafts peer weights passed as one flat float32 vector: one host-to-device copy, not one per array."""
+        weights = self.model.weights
+        indices = self.structure.grafted_indices
+        sizes = [int(np.prod(weights[i].shape)) for i in indices]
+        parts = tf.split(flat_peer, sizes)
+        return self._graft([tf.reshape(part, weights[i].shape) for i, part in zip(indices, parts)], peer_usable)
 
     def graft_model(self, peer):
         """Grafts a peer Keras model's current weights, read in-graph (no host round trip)."""
@@ -230,8 +238,9 @@ class Grafter:
         if len(peer_weights) != len(self.model.weights):
             raise ValueError(f"{peer_label} has {len(peer_weights)} weights, model '{self.model.name}' has "
                              f"{len(self.model.weights)}.")
-        selected = [tf.convert_to_tensor(peer_weights[i]) for i in self.structure.grafted_indices]
-        alphas, skipped = self._array_function(selected, tf.constant(True))
+        flat = np.concatenate([np.asarray(peer_weights[i], np.float32).ravel()
+                               for i in self.structure.grafted_indices])
+        alphas, skipped = self._array_function(flat, tf.constant(True))
         return self._result(alphas, skipped, peer_label)
 
     def _result(self, alphas, skipped, peer_label):
