@@ -107,6 +107,7 @@ class Config:
     seed: int = 0
     train_subset: int = None
     test_subset: int = None
+    val_subset: int = None
     steps_per_epoch: int = None
     validate: bool = True
     output: str = None
@@ -166,7 +167,7 @@ def resolve(cfg):
     model_spec(cfg)  # Unknown model names, unsupported depths, --depth/--width where they do not apply.
     for flag in ("epochs", "batch_size", "lr_step_epochs"):
         _positive_int(getattr(cfg, flag), flag)
-    for flag in ("train_subset", "test_subset", "steps_per_epoch", "image_size"):
+    for flag in ("train_subset", "test_subset", "val_subset", "steps_per_epoch", "image_size"):
         _positive_int(getattr(cfg, flag), flag, allow_none=True)
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         raise ConfigError(f"--lr must be a positive number, got {cfg.lr!r}.")
@@ -217,18 +218,19 @@ def resolve(cfg):
                 cfg.sigma_decay = 0.9 if cfg.sigma_decay is None else float(cfg.sigma_decay)
                 if not 0 < cfg.sigma_decay < 1:
                     raise ConfigError(f"--sigma_decay must lie in (0, 1), got {cfg.sigma_decay}.")
-        cfg.level = "layer" if cfg.level is None else cfg.level
-        if cfg.level not in LEVELS:
-            raise ConfigError(f"Unknown --level={cfg.level!r}; valid: {', '.join(LEVELS)}.")
-        if cfg.criterion is not None and cfg.criterion not in CRITERIA:
-            raise ConfigError(f"Unknown --criterion={cfg.criterion!r}; valid: {', '.join(CRITERIA)}.")
-        cfg.criterion = cfg.criterion or ("entropy" if cfg.level == "layer" else "bn_scale")
-        cfg.a = 0.4 if cfg.a is None else float(cfg.a)
-        cfg.c = 500.0 if cfg.c is None else float(cfg.c)
-        if not 0 <= cfg.a <= 1:
-            raise ConfigError(f"--a must lie in [0, 1], got {cfg.a}.")
-        if not (cfg.c >= 0 and math.isfinite(cfg.c)):
-            raise ConfigError(f"--c must be a finite number >= 0, got {cfg.c}.")
+        if cfg.source == "external":  # Left None for the scions, so that resolve(resolve(cfg)) == resolve(cfg).
+            cfg.level = "layer" if cfg.level is None else cfg.level
+            if cfg.level not in LEVELS:
+                raise ConfigError(f"Unknown --level={cfg.level!r}; valid: {', '.join(LEVELS)}.")
+            if cfg.criterion is not None and cfg.criterion not in CRITERIA:
+                raise ConfigError(f"Unknown --criterion={cfg.criterion!r}; valid: {', '.join(CRITERIA)}.")
+            cfg.criterion = cfg.criterion or ("entropy" if cfg.level == "layer" else "bn_scale")
+            cfg.a = 0.4 if cfg.a is None else float(cfg.a)
+            cfg.c = 500.0 if cfg.c is None else float(cfg.c)
+            if not 0 <= cfg.a <= 1:
+                raise ConfigError(f"--a must lie in [0, 1], got {cfg.a}.")
+            if not (cfg.c >= 0 and math.isfinite(cfg.c)):
+                raise ConfigError(f"--c must be a finite number >= 0, got {cfg.c}.")
         cfg.graft_every = 1 if cfg.graft_every is None else cfg.graft_every
         _positive_int(cfg.graft_every, "graft_every")
 
@@ -525,7 +527,10 @@ def _check_teacher(path, spec):
 
 
 def _data(cfg, dsinfo, strategy):
-    """(train dataset function for GraftTrainer, steps per epoch, examples, test dataset). Reads the data now."""
+    """(train dataset function for GraftTrainer, steps per epoch, examples, test dataset, validation dataset).
+
+    Reads the data now, so that missing data fails before training.
+    """
     replicas = strategy.num_replicas_in_sync
     if cfg.batch_size % replicas:
         raise ConfigError(f"--batch_size={cfg.batch_size} is not divisible by the strategy's {replicas} replicas.")
@@ -555,9 +560,13 @@ def _data(cfg, dsinfo, strategy):
         eval_batch = max(256, cfg.batch_size) // replicas * replicas
         test = datasets.load(cfg.dataset, dsinfo.test_split, batch_size=eval_batch, subset=cfg.test_subset,
                              image_size=cfg.image_size, data_dir=cfg.data_dir)
+        validation = test
+        if cfg.val_subset is not None and cfg.val_subset != cfg.test_subset:
+            validation = datasets.load(cfg.dataset, dsinfo.test_split, batch_size=eval_batch, subset=cfg.val_subset,
+                                       image_size=cfg.image_size, data_dir=cfg.data_dir)
     except datasets.DatasetUnavailableError as e:
         raise ConfigError(str(e)) from e
-    return train_fn, steps, examples, test
+    return train_fn, steps, examples, test, validation
 
 
 def _schedule(cfg):
@@ -587,7 +596,8 @@ def describe(cfg):
         if cfg.method == "cultivate":
             what += f" + distillation from {cfg.teacher} (T={cfg.temperature})"
     schedule = {"step": f"x0.1 every {cfg.lr_step_epochs} epochs", "cosine": "cosine", "constant": "constant"}
-    return (f"{cfg.method}: {what}; {cfg.model} on {cfg.dataset}, {cfg.epochs} epochs, batch {cfg.batch_size}, "
+    epochs = f"{cfg.epochs} epoch{'s' if cfg.epochs != 1 else ''}"
+    return (f"{cfg.method}: {what}; {model_spec(cfg).label} on {cfg.dataset}, {epochs}, batch {cfg.batch_size}, "
             f"SGD lr {cfg.lr:g}{' spread' if cfg.lr_spread else ''} ({schedule[cfg.schedule]}), "
             f"weight decay {cfg.weight_decay:g}")
 
@@ -625,9 +635,11 @@ def run(cfg, log=logging.info, strategy=None):
             strategy=strategy, lr_spread=cfg.lr_spread, lr_schedule=_schedule(cfg), seed=cfg.seed,
             backup_dir=cfg.backup_dir, **kwargs)
     except ValueError as e:
+        hint = (" Pass --image_size=32 to pad the images to CIFAR's size." if spec.input_shape[0] < 32 else "")
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()
         raise ConfigError(f"Cannot build {cfg.num_models} x --model={cfg.model} for {cfg.dataset} inputs of shape "
-                          f"{tuple(spec.input_shape)}: {e}") from e
-    train_fn, steps, examples, test = _data(cfg, dsinfo, strategy)
+                          f"{tuple(spec.input_shape)}.{hint} The error: {message}") from e
+    train_fn, steps, examples, test, validation = _data(cfg, dsinfo, strategy)
     filters_per_model = criteria.invalid_filters(trainer.models[0], THRESHOLDS[0]).total
     log(f"{spec.label}: {trainer.models[0].count_params():,} weights, {filters_per_model} filters per model; "
         f"{examples} training images, {steps} steps per epoch, {strategy.num_replicas_in_sync} replica(s).")
@@ -663,7 +675,7 @@ def run(cfg, log=logging.info, strategy=None):
 
     start = time.perf_counter()
     history = trainer.fit(train_fn, epochs=cfg.epochs, steps_per_epoch=steps,
-                          validation_data=test if cfg.validate else None, callbacks=callbacks, verbose=0)
+                          validation_data=validation if cfg.validate else None, callbacks=callbacks, verbose=0)
     fit_seconds = time.perf_counter() - start
     evaluation = trainer.evaluate(test)
 
@@ -788,101 +800,141 @@ def _accuracy_columns(columns):
     return None, []
 
 
-def plot_filters(entries, output, logs=(), threshold=0.1, title=None):
+def plot_filters(entries, output, logs=(), threshold=0.1, title=None, summary=None):
     """Writes a PNG comparing the filters of several trained models.
+
+    Panels: (a) histogram of every convolution filter's L1 norm per model (log scale, invalid thresholds 0.1 and
+    0.01 marked); (b) the same distributions as violins; (c) per layer, the median and the smallest filter L1 norm;
+    (d) invalid filters (L1 norm < ``threshold``) per layer; (e) accuracy curves from training logs; (f) a summary.
 
     Args:
       entries: [(label, [(layer, L1 norms)])], e.g. from :func:`filter_norms`.
       output: PNG path.
-      logs: [(label, CSV path)] of training logs for accuracy curves (optional).
-      threshold: the L1 norm below which a filter counts as invalid, for the per-layer bars (0.1 and 0.01 are
-        drawn on the distributions).
+      logs: [(label, CSV path)] of training logs (Keras CSVLogger, e.g. train.py's log.csv) for the curves.
+      threshold: the L1 norm below which a filter counts as invalid, for the per-layer bars.
+      title: figure title.
+      summary: extra text lines for the summary panel (e.g. test accuracies).
     """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    if not entries:
+        raise ValueError("plot_filters needs at least one model.")
     logs = [(label, path) for label, path in logs if path and os.path.isfile(path)]
-    panels = 4 if logs else 3
-    fig, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.6))
+    fig, axes = plt.subplots(2, 3, figsize=(17, 9.5))
+    (ax_hist, ax_violin, ax_layers), (ax_invalid, ax_curves, ax_text) = axes
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    all_norms = np.concatenate([np.concatenate([n for _, n in layers]) for _, layers in entries])
-    positive = all_norms[all_norms > 0]
+    color = [colors[i % len(colors)] for i in range(len(entries))]
+    flat = [np.concatenate([n for _, n in layers]) for _, layers in entries]
+    everything = np.concatenate(flat)
+    positive = everything[everything > 0]
     low = min(positive.min() if positive.size else 1e-3, min(THRESHOLDS)) / 2
-    high = max(all_norms.max(), 1.0) * 1.5
+    high = max(everything.max(), 1.0) * 1.5
     bins = np.geomspace(low, high, 60)
 
-    ax = axes[0]
-    for i, (label, layers) in enumerate(entries):
-        norms = np.concatenate([n for _, n in layers])
-        counts = " ".join(f"<{t:g}: {int(np.sum(norms < t))}" for t in THRESHOLDS)
-        ax.hist(np.clip(norms, low, None), bins=bins, histtype="step", linewidth=1.6, color=colors[i % len(colors)],
-                label=f"{label} ({counts} of {norms.size})")
-    for t, style in zip(THRESHOLDS, ("--", ":")):
-        ax.axvline(t, color="k", linestyle=style, linewidth=1, label=f"L1 = {t:g}")
-    ax.set_xscale("log")
-    ax.set_xlabel("filter L1 norm (log)")
-    ax.set_ylabel("filters")
-    ax.set_title("L1 norms of all convolution filters")
-    ax.legend(fontsize=7)
+    def thresholds(ax, vertical):
+        for t, style in zip(THRESHOLDS, ("--", ":")):
+            line = ax.axvline if vertical else ax.axhline
+            line(t, color="k", linestyle=style, linewidth=1, label=f"L1 = {t:g}")
 
-    ax = axes[1]
-    data = [np.log10(np.maximum(np.concatenate([n for _, n in layers]), low)) for _, layers in entries]
-    parts = ax.violinplot(data, showmedians=True, showextrema=True)
+    # (a) Histogram of all filters.
+    for i, ((label, _), norms) in enumerate(zip(entries, flat)):
+        ax_hist.hist(np.clip(norms, low, None), bins=bins, histtype="step", linewidth=1.6, color=color[i],
+                     label=f"{label}: {int(np.sum(norms < THRESHOLDS[0]))} below {THRESHOLDS[0]:g}")
+    thresholds(ax_hist, vertical=True)
+    ax_hist.set_xscale("log")
+    ax_hist.set_xlabel("filter L1 norm (log scale)")
+    ax_hist.set_ylabel("filters")
+    ax_hist.set_title("(a) L1 norms of all convolution filters")
+    ax_hist.legend(fontsize=7)
+
+    # (b) Violins per model.
+    parts = ax_violin.violinplot([np.maximum(norms, low) for norms in flat], showmedians=True)
     for i, body in enumerate(parts["bodies"]):
-        body.set_facecolor(colors[i % len(colors)])
+        body.set_facecolor(color[i])
         body.set_alpha(0.5)
-    for i, (_, layers) in enumerate(entries):
-        minima = [np.log10(max(n.min(), low)) for _, n in layers]
-        ax.scatter(np.full(len(minima), i + 1) + np.linspace(-0.15, 0.15, len(minima)), minima, s=6, color="k",
-                   alpha=0.6, label="smallest filter of each layer" if i == 0 else None)
-    for t, style in zip(THRESHOLDS, ("--", ":")):
-        ax.axhline(np.log10(t), color="k", linestyle=style, linewidth=1)
-    ax.set_xticks(range(1, len(entries) + 1), [label for label, _ in entries], rotation=15)
-    ax.set_ylabel("log10 filter L1 norm")
-    ax.set_title("Distribution per model")
-    ax.legend(fontsize=7, loc="lower right")
+    ax_violin.set_yscale("log")
+    thresholds(ax_violin, vertical=False)
+    ax_violin.set_xticks(range(1, len(entries) + 1), [label for label, _ in entries], rotation=15)
+    ax_violin.set_ylabel("filter L1 norm (log scale)")
+    ax_violin.set_title("(b) Distribution per model")
 
-    ax = axes[2]
+    # (c) Per layer: median and smallest L1 norm.
+    for i, (label, layers) in enumerate(entries):
+        x = np.arange(len(layers))
+        ax_layers.plot(x, [np.median(n) for _, n in layers], color=color[i], marker="o", markersize=3,
+                       label=f"{label} median")
+        ax_layers.plot(x, [max(n.min(), low) for _, n in layers], color=color[i], linestyle="--", marker="v",
+                       markersize=3, label=f"{label} smallest")
+    thresholds(ax_layers, vertical=False)
+    ax_layers.set_yscale("log")
+    ax_layers.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_layers.set_xlabel("convolution layer (input to output)")
+    ax_layers.set_ylabel("filter L1 norm (log scale)")
+    ax_layers.set_title("(c) Filter L1 norms per layer")
+    ax_layers.legend(fontsize=7, ncol=2)
+
+    # (d) Invalid filters per layer.
     width = 0.8 / len(entries)
-    max_layers = 0
+    layers_max = max(len(layers) for _, layers in entries)
+    any_invalid = False
     for i, (label, layers) in enumerate(entries):
         invalid = [int(np.sum(n < threshold)) for _, n in layers]
-        max_layers = max(max_layers, len(layers))
+        any_invalid |= any(invalid)
         x = np.arange(len(layers)) + (i - (len(entries) - 1) / 2) * width
-        ax.bar(x, invalid, width=width, color=colors[i % len(colors)], label=f"{label} (total {sum(invalid)})")
-    ax.set_xlabel("convolution layer (input to output)")
-    ax.set_ylabel(f"invalid filters (L1 < {threshold:g})")
-    ax.set_title(f"Invalid filters per layer (L1 < {threshold:g})")
-    ax.set_xlim(-1, max_layers)
-    ax.set_ylim(bottom=0)
-    if ax.get_ylim()[1] < 1:
-        ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+        ax_invalid.bar(x, invalid, width=width, color=color[i], label=f"{label} (total {sum(invalid)})")
+    ax_invalid.set_xlim(-1, layers_max)
+    ax_invalid.set_ylim(0, None if any_invalid else 1)
+    if not any_invalid:
+        ax_invalid.text(0.5, 0.5, f"no filter has an L1 norm below {threshold:g}", ha="center", va="center",
+                        transform=ax_invalid.transAxes)
+    ax_invalid.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax_invalid.set_xlabel("convolution layer (input to output)")
+    ax_invalid.set_ylabel("invalid filters")
+    ax_invalid.set_title(f"(d) Invalid filters per layer (L1 < {threshold:g})")
+    ax_invalid.legend(fontsize=7)
 
-    if logs:
-        ax = axes[3]
-        for i, (label, path) in enumerate(logs):
-            columns = read_csv_log(path)
-            prefix, picked = _accuracy_columns(columns)
-            epochs = columns.get("epoch", list(range(len(next(iter(columns.values()), [])))))
-            epochs = [e + 1 for e in epochs]
-            for j, (column, ensemble) in enumerate(picked):
-                suffix = "ensemble" if ensemble else (f"model {column.split('_')[-1]}" if column[-1].isdigit() else "")
-                ax.plot(epochs, [100 * v for v in columns[column]], color=colors[i % len(colors)],
-                        linestyle="--" if ensemble else ("-", "-.", ":")[j % 3], marker="o", markersize=3,
-                        label=f"{label} {suffix}".strip())
-            ax.set_ylabel(("test" if prefix == "val_accuracy" else "training") + " accuracy (%)")
-        ax.set_xlabel("epoch")
-        ax.set_title("Accuracy during training")
-        ax.legend(fontsize=7)
+    # (e) Accuracy curves.
+    ylabel = None
+    for i, (label, path) in enumerate(logs):
+        columns = read_csv_log(path)
+        prefix, picked = _accuracy_columns(columns)
+        if not picked:
+            continue
+        epochs = [e + 1 for e in columns.get("epoch", range(len(columns[picked[0][0]])))]
+        for j, (column, ensemble) in enumerate(picked):
+            which = "ensemble" if ensemble else (f"model {column.rsplit('_', 1)[-1]}" if column[-1].isdigit() else "")
+            ax_curves.plot(epochs, [100 * v for v in columns[column]], color=colors[i % len(colors)],
+                           linestyle="--" if ensemble else ("-", "-.", ":")[j % 3], marker="o", markersize=3,
+                           label=f"{label} {which}".strip())
+        ylabel = ("test" if prefix == "val_accuracy" else "training") + " accuracy (%)"
+    if ylabel:
+        ax_curves.set_ylabel(ylabel)
+        ax_curves.set_xlabel("epoch")
+        ax_curves.legend(fontsize=7)
+    else:
+        ax_curves.text(0.5, 0.5, "no training logs given", ha="center", va="center", transform=ax_curves.transAxes)
+    ax_curves.set_title("(e) Accuracy during training")
+
+    # (f) Summary.
+    lines = []
+    for (label, layers), norms in zip(entries, flat):
+        counts = ", ".join(f"{int(np.sum(norms < t))} < {t:g}" for t in THRESHOLDS)
+        lines.append(f"{label}: {norms.size} filters in {len(layers)} layers; invalid {counts}")
+    lines += list(summary or [])
+    ax_text.axis("off")
+    ax_text.set_title("(f) Summary")
+    ax_text.text(0.0, 1.0, "\n".join(lines), ha="left", va="top", family="monospace", fontsize=8,
+                 transform=ax_text.transAxes, wrap=True)
 
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    fig.savefig(output, dpi=110)
+    fig.savefig(output, dpi=100)
     plt.close(fig)
     return output
 

@@ -101,6 +101,8 @@ flags.DEFINE_integer("cpu_devices", 0, "Split the CPU into this many logical dev
 flags.DEFINE_integer("seed", 0, "Seeds the models' initialisation, the data order and augmentation.")
 flags.DEFINE_integer("train_subset", None, "Train on the first N training examples only (quick runs).")
 flags.DEFINE_integer("test_subset", None, "Evaluate on the first N test examples only (quick runs).")
+flags.DEFINE_integer("val_subset", None, "Evaluate after each epoch on the first N test examples only (default: "
+                     "--test_subset); the final evaluation uses --test_subset.")
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
 flags.DEFINE_bool("validate", True, "Evaluate on the test set after every epoch (for the logs and curves).")
 flags.DEFINE_string("output", None, "Results JSON; the models' weights go to the same folder. Default "

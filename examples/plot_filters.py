@@ -1,0 +1,126 @@
+"""Compares the filters of two or more trained models (e.g. baseline vs grafted) in one PNG, as the papers' figures.
+
+    python examples/plot_filters.py \\
+        --weights=runs/baseline_resnet32_cifar10/model_0.weights.h5,runs/graft_resnet32_cifar10/model_0.weights.h5 \\
+        --labels=baseline,graft --output=runs/filters.png
+
+Panels: the L1 norms of every convolution filter (histogram on a log scale, with the invalid thresholds 0.1 and
+0.01), their distribution per model (violins, log scale, with each layer's smallest filter), the invalid filters
+(L1 norm < --threshold) per layer, and, with --logs (or the CSV logs named in the runs' results JSON), the test
+accuracy during training.
+
+The architecture of each weights file comes from the results.json that examples/train.py writes next to it;
+without one, give --model (and --depth/--width, --dataset/--image_size or --num_classes/--input_shape).
+It also prints the invalid-filter counts per model.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _common  # noqa: E402
+
+flags.DEFINE_list("weights", None, "Comma-separated .weights.h5 files (model_<k>.weights.h5 of examples/train.py).")
+flags.DEFINE_list("labels", None, "One label per weights file (default: the run folder and model index).")
+flags.DEFINE_string("output", "filters.png", "PNG to write.")
+flags.DEFINE_string("model", None, "Network of the weights (default: from the results.json next to each file).")
+flags.DEFINE_integer("depth", None, "Depth override, as in train.py.")
+flags.DEFINE_integer("width", None, "Width override, as in train.py.")
+flags.DEFINE_string("dataset", None, "Dataset the models were trained on (gives the input shape and classes).")
+flags.DEFINE_integer("image_size", None, "Image size the models were trained with, as in train.py.")
+flags.DEFINE_integer("num_classes", None, "Classes (instead of --dataset).")
+flags.DEFINE_list("input_shape", None, "Input shape such as 32,32,3 (instead of --dataset).")
+flags.DEFINE_list("logs", None, "CSV logs (log.csv of train.py) for accuracy curves; default: those named in the "
+                  "runs' results.json; 'none' for no curves.")
+flags.DEFINE_float("threshold", 0.1, "L1 norm below which a filter is invalid, for the per-layer bars.")
+flags.DEFINE_string("title", None, "Figure title.")
+
+FLAGS = flags.FLAGS
+
+
+def _spec_for(path):
+    """(ModelSpec, results dict or None) for one weights file."""
+    results = _common.load_results_near(path)
+    if FLAGS.model is None:
+        if results is None or "model_spec" not in results:
+            raise app.UsageError(f"No {_common.RESULTS_FILE} next to {path} to read the architecture from: pass "
+                                 "--model (and --dataset or --num_classes/--input_shape).")
+        spec = _common.ModelSpec.from_dict(results["model_spec"])
+        return spec, results
+    import dataclasses
+
+    from keras_graft import datasets
+
+    cfg = _common.Config(model=FLAGS.model, depth=FLAGS.depth, width=FLAGS.width,
+                         dataset=FLAGS.dataset or "cifar10", image_size=FLAGS.image_size, weight_decay=0.0)
+    dsinfo = None
+    if FLAGS.dataset is not None:
+        if FLAGS.dataset not in datasets.NAMES:
+            raise app.UsageError(f"Unknown --dataset={FLAGS.dataset!r}; valid: {', '.join(datasets.NAMES)}.")
+        dsinfo = datasets.info(FLAGS.dataset, image_size=FLAGS.image_size)
+    elif results is not None and "model_spec" in results:
+        previous = _common.ModelSpec.from_dict(results["model_spec"])
+        dsinfo = datasets.DatasetInfo("?", previous.num_classes, previous.input_shape, 0, 0, (), (), "test", None)
+    try:
+        spec = _common.model_spec(cfg, dsinfo)
+    except _common.ConfigError as e:
+        raise app.UsageError(str(e)) from e
+    if FLAGS.num_classes:
+        spec = dataclasses.replace(spec, num_classes=FLAGS.num_classes)
+    if FLAGS.input_shape:
+        spec = dataclasses.replace(spec, input_shape=tuple(int(v) for v in FLAGS.input_shape))
+    return spec, results
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    paths = FLAGS.weights or []
+    if len(paths) < 1:
+        raise app.UsageError("Pass --weights=a.weights.h5,b.weights.h5 (two or more models to compare).")
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise app.UsageError(f"Weights file(s) not found: {', '.join(missing)}.")
+    labels = FLAGS.labels or [
+        f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{os.path.basename(p).split('.')[0]}" for p in paths]
+    if len(labels) != len(paths):
+        raise app.UsageError(f"{len(labels)} labels for {len(paths)} weights files.")
+    if not FLAGS.output.lower().endswith(".png"):
+        raise app.UsageError(f"--output must be a .png file, got {FLAGS.output!r}.")
+
+    entries, logs = [], []
+    for path, label in zip(paths, labels):
+        spec, results = _spec_for(path)
+        try:
+            model = _common.load_trained(path, spec)
+        except _common.ConfigError as e:
+            raise app.UsageError(str(e)) from e
+        norms = _common.filter_norms(model)
+        entries.append((label, norms))
+        counts = ", ".join(f"{sum(int((n < t).sum()) for _, n in norms)} below {t:g}" for t in _common.THRESHOLDS)
+        print(f"{label}: {spec.label}, {sum(n.size for _, n in norms)} filters; invalid: {counts}", flush=True)
+        if FLAGS.logs is None and results and results.get("log_csv"):
+            if results["log_csv"] not in [p for _, p in logs]:
+                run_name = os.path.basename(os.path.dirname(os.path.abspath(path)))
+                logs.append((run_name, results["log_csv"]))
+    if FLAGS.logs and FLAGS.logs != ["none"]:
+        missing = [p for p in FLAGS.logs if not os.path.isfile(p)]
+        if missing:
+            raise app.UsageError(f"Log file(s) not found: {', '.join(missing)}.")
+        log_labels = labels if len(FLAGS.logs) == len(labels) else [
+            os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(p)))) for p in FLAGS.logs]
+        logs = list(zip(log_labels, FLAGS.logs))
+    _common.plot_filters(entries, FLAGS.output, logs=logs, threshold=FLAGS.threshold, title=FLAGS.title)
+    print(f"Wrote {FLAGS.output}", flush=True)
+    logging.info("Compared %d models.", len(entries))
+
+
+if __name__ == "__main__":
+    app.run(main)
