@@ -174,8 +174,11 @@ def main(argv):
         FLAGS.warmup, FLAGS.steps, FLAGS.config_seconds, FLAGS.graft_repeats = 1, 3, 10.0, 2
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:
-        for gpu in gpus:
-            tf.config.experimental.set_memory_growth(gpu, True)  # so that peak memory is what the config used
+        try:
+            for gpu in gpus:
+                tf.config.experimental.set_memory_growth(gpu, True)  # so that peak memory is what a config used
+        except RuntimeError as error:  # the GPUs were initialised already
+            logging.warning("Memory growth not set (%s); peak memory is still reset per config.", error)
         details = tf.config.experimental.get_device_details(gpus[0])
         device_name = details.get("device_name", "GPU:0")
     else:
