@@ -63,6 +63,16 @@ class ConfigError(ValueError):
     """A bad setting or a contradiction between settings, found before training."""
 
 
+class ScriptError(SystemExit):
+    """Ends a script on bad input with one line, ``<script>: error: <message>``, on stderr and exit status 1.
+
+    (absl's ``app.UsageError`` would print every flag's help before the message.)
+    """
+
+    def __init__(self, script, message):
+        super().__init__(f"{script}: error: {message}")
+
+
 @dataclasses.dataclass
 class Config:
     """One experiment. None means "not given": :func:`resolve` fills the method's default or rejects it."""
@@ -791,7 +801,8 @@ def read_csv_log(path):
 def _accuracy_columns(columns):
     """[(column, is_ensemble)] to plot: test (val_) accuracies per model and ensemble, else training accuracy."""
     for prefix in ("val_accuracy", "accuracy"):
-        per_model = sorted((c for c in columns if re.fullmatch(rf"{prefix}_\d+", c)), key=lambda c: int(c.split("_")[-1]))
+        per_model = sorted((c for c in columns if re.fullmatch(rf"{prefix}_\d+", c)),
+                           key=lambda c: int(c.split("_")[-1]))
         picked = [(c, False) for c in per_model] or ([(prefix, False)] if prefix in columns else [])
         if picked:
             if f"{prefix}_ensemble" in columns and len(per_model) > 1:

@@ -45,12 +45,16 @@ flags.DEFINE_string("title", None, "Figure title.")
 FLAGS = flags.FLAGS
 
 
+def _error(message):
+    return _common.ScriptError("plot_filters.py", message)
+
+
 def _spec_for(path):
     """(ModelSpec, results dict or None) for one weights file."""
     results = _common.load_results_near(path)
     if FLAGS.model is None:
         if results is None or "model_spec" not in results:
-            raise app.UsageError(f"No {_common.RESULTS_FILE} next to {path} to read the architecture from: pass "
+            raise _error(f"No {_common.RESULTS_FILE} next to {path} to read the architecture from: pass "
                                  "--model (and --dataset or --num_classes/--input_shape).")
         spec = _common.ModelSpec.from_dict(results["model_spec"])
         return spec, results
@@ -63,7 +67,7 @@ def _spec_for(path):
     dsinfo = None
     if FLAGS.dataset is not None:
         if FLAGS.dataset not in datasets.NAMES:
-            raise app.UsageError(f"Unknown --dataset={FLAGS.dataset!r}; valid: {', '.join(datasets.NAMES)}.")
+            raise _error(f"Unknown --dataset={FLAGS.dataset!r}; valid: {', '.join(datasets.NAMES)}.")
         dsinfo = datasets.info(FLAGS.dataset, image_size=FLAGS.image_size)
     elif results is not None and "model_spec" in results:
         previous = _common.ModelSpec.from_dict(results["model_spec"])
@@ -71,7 +75,7 @@ def _spec_for(path):
     try:
         spec = _common.model_spec(cfg, dsinfo)
     except _common.ConfigError as e:
-        raise app.UsageError(str(e)) from e
+        raise _error(str(e)) from e
     if FLAGS.num_classes:
         spec = dataclasses.replace(spec, num_classes=FLAGS.num_classes)
     if FLAGS.input_shape:
@@ -84,16 +88,16 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
     paths = FLAGS.weights or []
     if len(paths) < 1:
-        raise app.UsageError("Pass --weights=a.weights.h5,b.weights.h5 (two or more models to compare).")
+        raise _error("Pass --weights=a.weights.h5,b.weights.h5 (two or more models to compare).")
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
-        raise app.UsageError(f"Weights file(s) not found: {', '.join(missing)}.")
+        raise _error(f"Weights file(s) not found: {', '.join(missing)}.")
     labels = FLAGS.labels or [
         f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{os.path.basename(p).split('.')[0]}" for p in paths]
     if len(labels) != len(paths):
-        raise app.UsageError(f"{len(labels)} labels for {len(paths)} weights files.")
+        raise _error(f"{len(labels)} labels for {len(paths)} weights files.")
     if not FLAGS.output.lower().endswith(".png"):
-        raise app.UsageError(f"--output must be a .png file, got {FLAGS.output!r}.")
+        raise _error(f"--output must be a .png file, got {FLAGS.output!r}.")
 
     entries, logs = [], []
     for path, label in zip(paths, labels):
@@ -101,7 +105,7 @@ def main(argv):
         try:
             model = _common.load_trained(path, spec)
         except _common.ConfigError as e:
-            raise app.UsageError(str(e)) from e
+            raise _error(str(e)) from e
         norms = _common.filter_norms(model)
         entries.append((label, norms))
         counts = ", ".join(f"{sum(int((n < t).sum()) for _, n in norms)} below {t:g}" for t in _common.THRESHOLDS)
@@ -113,7 +117,7 @@ def main(argv):
     if FLAGS.logs and FLAGS.logs != ["none"]:
         missing = [p for p in FLAGS.logs if not os.path.isfile(p)]
         if missing:
-            raise app.UsageError(f"Log file(s) not found: {', '.join(missing)}.")
+            raise _error(f"Log file(s) not found: {', '.join(missing)}.")
         log_labels = labels if len(FLAGS.logs) == len(labels) else [
             os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(p)))) for p in FLAGS.logs]
         logs = list(zip(log_labels, FLAGS.logs))

@@ -94,9 +94,10 @@ def main(argv):
     try:
         runs = [(name, _common.resolve(cfg)) for name, cfg in runs]
     except _common.ConfigError as e:
-        raise app.UsageError(str(e)) from e
+        raise _common.ScriptError("quickstart.py", str(e)) from e
     say(f"Training {settings['model']} (width {settings['width']}) on {settings['train_subset']} images for "
-        f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}: a baseline, then 2 models grafting. Each line is one epoch.\n")
+        f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}: a baseline, then 2 models grafting. "
+        "Each line is one epoch.\n")
 
     results = {}
     for index, (name, cfg) in enumerate(runs, 1):
@@ -104,7 +105,7 @@ def main(argv):
         try:
             results[name] = _common.run(cfg, log=lambda line, name=name: say(f"  {line}"))
         except _common.ConfigError as e:
-            raise app.UsageError(str(e)) from e
+            raise _common.ScriptError("quickstart.py", str(e)) from e
         say(f"  done in {results[name]['fit_seconds']:.0f} s\n")
 
     baseline, graft = results["baseline"], results["graft"]
@@ -132,9 +133,10 @@ def main(argv):
             spec = _common.ModelSpec.from_dict(r["model_spec"])
             for k, path in enumerate(r["weights"][:1]):
                 entries.append((label, _common.filter_norms(_common.load_trained(path, spec))))
-        summary = ["", "test accuracy:"] + [
-            f"  {label} model {k}: {100 * acc:.2f}%" for label, r in (("baseline", baseline), ("graft", graft))
-            for k, acc in enumerate(r["test_accuracy"])] + [f"  graft ensemble: {100 * graft['ensemble_accuracy']:.2f}%"]
+        summary = ["", "test accuracy:"]
+        summary += [f"  {label} model {k}: {100 * acc:.2f}%" for label, r in (("baseline", baseline), ("graft", graft))
+                    for k, acc in enumerate(r["test_accuracy"])]
+        summary.append(f"  graft ensemble: {100 * graft['ensemble_accuracy']:.2f}%")
         _common.plot_filters(entries, png, logs=[("baseline", baseline["log_csv"]), ("graft", graft["log_csv"])],
                              title=f"Quick start: {baseline['model']} on Fashion-MNIST, baseline vs 2-model grafting",
                              summary=summary)

@@ -136,7 +136,7 @@ def main(argv):
         cfg = _common.resolve(config_from_flags())
         results = _common.run(cfg)
     except _common.ConfigError as e:
-        raise app.UsageError(str(e)) from e
+        raise _common.ScriptError("train.py", str(e)) from e
     table = _common.format_table([results], [results["method"]])
     print(f"\n{results['description']}\n\n{table}\n", flush=True)
     if results["weights"]:
