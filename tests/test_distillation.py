@@ -1,0 +1,106 @@
+"""Distillation: the soft terms against NumPy, frozen teachers, bad input, and cultivation in GraftTrainer."""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import keras_graft
+from keras_graft.distillation import Distillation
+
+import testing_utils
+
+
+def np_softmax(z):
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_soft_ce(p, student_logits, tau):
+    q = np_softmax(student_logits / tau)
+    return tau**2 * np.mean(-(p * np.log(q)).sum(axis=-1))
+
+
+def classifier(seed, classes=4, name=None):
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input((6,))
+    hidden = keras.layers.Dense(8, activation="tanh")(inputs)
+    return keras.Model(inputs, keras.layers.Dense(classes)(hidden), name=name)
+
+
+class LossTest(tf.test.TestCase):
+
+    def test_teachers_term_matches_numpy(self):
+        teachers = [classifier(1, name="t1"), classifier(2, name="t2")]
+        students = [classifier(3)]
+        distillation = Distillation(teachers, temperature=3.0, weight=0.7)
+        distillation.build(students)
+        x = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+        student_logits = students[0](x).numpy()
+        targets = (np_softmax(teachers[0](x).numpy() / 3.0) + np_softmax(teachers[1](x).numpy() / 3.0)) / 2
+        self.assertAllClose(distillation.teacher_probabilities(x), targets, rtol=1e-5)
+        (loss,) = distillation.losses([student_logits], distillation.teacher_probabilities(x))
+        self.assertAllClose(loss, 0.7 * np_soft_ce(targets, student_logits, 3.0), rtol=1e-5)
+
+    def test_mutual_term_matches_numpy(self):
+        rng = np.random.default_rng(1)
+        logits = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(3)]
+        distillation = Distillation([], temperature=2.0, mutual=True, mutual_weight=0.5)
+        losses = distillation.losses([tf.constant(z) for z in logits], None)
+        for k in range(3):
+            expected = np.mean([np_soft_ce(np_softmax(logits[j] / 2.0), logits[k], 2.0) for j in range(3) if j != k])
+            self.assertAllClose(losses[k], 0.5 * expected, rtol=1e-5)
+
+    def test_probability_outputs(self):
+        rng = np.random.default_rng(2)
+        logits = [rng.normal(size=(4, 3)) for _ in range(2)]
+        probabilities = [tf.constant(np_softmax(z), tf.float32) for z in logits]
+        losses = Distillation([], mutual=True, from_logits=False).losses(probabilities, None)
+        # softmax(log(softmax(z)) / tau) = softmax(z / tau): the same loss as from the logits.
+        self.assertAllClose(losses[0], np_soft_ce(np_softmax(logits[1] / 2.0), logits[0], 2.0), rtol=1e-4)
+
+    def test_no_gradient_into_teachers(self):
+        teacher, student = classifier(1), classifier(2)
+        distillation = Distillation([teacher])
+        distillation.build([student])
+        x = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+        with tf.GradientTape(persistent=True) as tape:
+            (loss,) = distillation.losses([student(x)], distillation.teacher_probabilities(x))
+        self.assertTrue(all(g is None for g in tape.gradient(loss, teacher.weights)))
+        self.assertTrue(all(g is not None for g in tape.gradient(loss, student.trainable_weights)))
+        self.assertFalse(teacher.trainable)
+
+
+class BadInputTest(tf.test.TestCase):
+
+    def test_errors(self):
+        with self.assertRaisesRegex(ValueError, "temperature must be > 0"):
+            Distillation([classifier(1)], temperature=0)
+        with self.assertRaisesRegex(ValueError, "weight must be >= 0"):
+            Distillation([classifier(1)], weight=-1)
+        with self.assertRaisesRegex(ValueError, "nothing to learn from"):
+            Distillation([])
+        with self.assertRaisesRegex(ValueError, "at least 2 students"):
+            Distillation([], mutual=True).build([classifier(1)])
+        with self.assertRaisesRegex(ValueError, r"outputs shape \(5,\) but the students output \(4,\)"):
+            Distillation([classifier(1, classes=5)]).build([classifier(2)])
+        with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
+            Distillation(["/nonexistent/teacher.keras"]).build([classifier(2)])
+
+    def test_teacher_from_file(self):
+        path = os.path.join(self.get_temp_dir(), "teacher.keras")
+        teacher = classifier(1)
+        teacher.save(path)
+        distillation = Distillation([path])
+        distillation.build([classifier(2)])
+        x = np.ones((2, 6), np.float32)
+        self.assertAllClose(distillation.teachers[0](x), teacher(x), rtol=1e-6)
+        weights_path = os.path.join(self.get_temp_dir(), "teacher.weights.h5")
+        teacher.save_weights(weights_path)
+        with self.assertRaisesRegex(ValueError, "load_weights"):
+            Distillation([weights_path]).build([classifier(2)])
+
+
+if __name__ == "__main__":
+    tf.test.main()
