@@ -30,11 +30,13 @@ class Grafting(keras.callbacks.Callback):
       level: "layer" or "filter".
       every_n_epochs: graft after epochs n, 2n, ... (1-based).
       layers: only graft these layer names (or the layers where this callable is true).
+      model: the model to graft, when it is not the one being fit: e.g. ``distiller.student`` when fitting a
+        ``keras.distillation.Distiller``. Default: the callback's model.
       verbose: 1 logs each round's mean alpha.
     """
 
     def __init__(self, peers=None, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
-                 verbose=0):
+                 model=None, verbose=0):
         super().__init__()
         grafting.validate_hyperparameters(a, c, level)
         if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
@@ -46,6 +48,7 @@ class Grafting(keras.callbacks.Callback):
         self.level = level
         self.every_n_epochs = int(every_n_epochs)
         self.layers = layers
+        self.target = model
         self.verbose = verbose
         self._grafter = None
 
@@ -62,16 +65,18 @@ class Grafting(keras.callbacks.Callback):
 
     def grafter(self):
         """The compiled graft for this callback's model, built on first use."""
-        if self._grafter is None or self._grafter.model is not self.model:
+        target = self.target if self.target is not None else self.model
+        if self._grafter is None or self._grafter.model is not target:
             if self.peers is None:
                 raise ValueError("Grafting has no peers: pass peers=[model, ...] or a PeerSource (peers=None is "
                                  "only for GraftTrainer, whose models graft in a ring).")
-            self.peers.setup(self.model)
-            self._grafter = grafting.Grafter(self.model, self.criterion, self.a, self.c, self.level, self.layers)
+            self.peers.setup(target)
+            self._grafter = grafting.Grafter(target, self.criterion, self.a, self.c, self.level, self.layers)
         return self._grafter
 
     def on_train_begin(self, logs=None):
-        if self.model.built and self.model.weights:
+        target = self.target if self.target is not None else self.model
+        if target.built and target.weights:
             self.grafter()
 
     def on_epoch_end(self, epoch, logs=None):

@@ -72,6 +72,25 @@ class LossTest(tf.test.TestCase):
         self.assertFalse(teacher.trainable)
 
 
+class KerasDistillerTest(tf.test.TestCase):
+
+    def test_grafting_the_student_of_a_keras_distiller(self):
+        teacher, student, peer = classifier(1), classifier(2), classifier(3)
+        distiller = keras.distillation.Distiller(
+            teacher=teacher, student=student,
+            distillation_losses=keras.distillation.LogitsDistillation(temperature=2.0))
+        distiller.compile(optimizer="sgd",
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        x = np.random.default_rng(0).normal(size=(16, 6)).astype(np.float32)
+        y = np.arange(16) % 4
+        teacher_before = teacher.get_weights()
+        history = distiller.fit(x, y, epochs=1, batch_size=8, verbose=0,
+                                callbacks=[keras_graft.Grafting([peer], model=distiller.student)])
+        self.assertEqual(history.history["graft_layers"], [2])
+        for old, now in zip(teacher_before, teacher.get_weights()):
+            self.assertAllEqual(old, now)
+
+
 class BadInputTest(tf.test.TestCase):
 
     def test_errors(self):
