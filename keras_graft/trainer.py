@@ -389,7 +389,7 @@ class GraftTrainer:
         return (int(self._data_seed.numpy()) * 1_000_003 + k * 65_537 + epoch) % (2**31 - 1)
 
     def _train_pipelines(self, train_data, batch_size, shuffle_buffer):
-        """Returns (fn(model_index, input_context, epoch) -> per-replica batches, examples per epoch or None)."""
+        """Returns (fn(model_index, input_context, epoch) -> per-replica batches, cardinality of the examples)."""
         replicas = self.strategy.num_replicas_in_sync
         if callable(train_data) and not isinstance(train_data, tf.data.Dataset):
             if batch_size is not None:
@@ -425,12 +425,17 @@ class GraftTrainer:
                 data = data.shard(context.num_input_pipelines, context.input_pipeline_id)
             return data.batch(context.get_per_replica_batch_size(batch_size), drop_remainder=drop_remainder)
 
-        return simple_fn, (examples if examples >= 0 else None)
+        return simple_fn, examples
 
     def _steps(self, examples, batch_size, steps_per_epoch):
-        """Steps per epoch, or None when the data decide (a single worker stops when the data run out)."""
+        """Steps per epoch, or None when the data decide (a single worker stops when the data run out).
+
+        ``examples``: the size of unbatched train data (or tf.data's INFINITE/UNKNOWN cardinality), None for a
+        dataset function.
+        """
+        infinite = examples == int(tf.data.INFINITE_CARDINALITY)
         available = None
-        if examples is not None and examples != int(tf.data.INFINITE_CARDINALITY):
+        if examples is not None and examples >= 0:
             replicas = self.strategy.num_replicas_in_sync
             available = examples // batch_size if replicas > 1 else math.ceil(examples / batch_size)
             if available == 0:
@@ -442,7 +447,7 @@ class GraftTrainer:
                 raise ValueError(f"steps_per_epoch={steps_per_epoch} but the data give {available} batches per "
                                  "epoch; repeat the dataset or lower steps_per_epoch.")
             return int(steps_per_epoch)
-        if examples == int(tf.data.INFINITE_CARDINALITY):
+        if infinite:
             raise ValueError("train_data is infinite: pass steps_per_epoch.")
         if available is None and strategies_lib.is_multi_worker(self.strategy):
             raise ValueError("With several workers the number of steps must be known: pass steps_per_epoch.")
@@ -545,7 +550,7 @@ class GraftTrainer:
         if self._sync_function is None:
             def replica_means():
                 context = tf.distribute.get_replica_context()
-                return context.all_reduce(tf.distribute.ReduceOp.MEAN, [v.value for v in variables])
+                return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
 
             @tf.function
             def sync():

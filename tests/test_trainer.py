@@ -1,0 +1,413 @@
+"""Tests of GraftTrainer: strategies, grafting, diversity, callbacks and logs, NaN handling, backup, bad input."""
+import csv
+import math
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl.testing import parameterized
+
+from keras_graft import schedules, strategies
+from keras_graft.callbacks import FilterStats, Grafting
+from keras_graft.trainer import GraftTrainer, PeerEnsemble
+import testing_utils
+
+WORKER = os.path.join(os.path.dirname(__file__), "_trainer_worker.py")
+LOGITS_LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def build_model(batch_norm=False, units=3):
+    """A tiny convolutional classifier (a few hundred weights) with an L2 regulariser."""
+    layers = [keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, kernel_regularizer=keras.regularizers.L2(1e-2))]
+    if batch_norm:
+        layers.append(keras.layers.BatchNormalization())
+    layers += [keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(units)]
+    return keras.Sequential(layers)
+
+
+def tiny_data(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(n, 6, 6, 2)).astype("float32"), rng.integers(0, 3, size=n)
+
+
+def make_trainer(num_models=2, **kwargs):
+    kwargs.setdefault("optimizer", keras.optimizers.SGD(0.1, momentum=0.9))
+    kwargs.setdefault("loss", LOGITS_LOSS)
+    kwargs.setdefault("metrics", ["accuracy"])
+    kwargs.setdefault("seed", 1)
+    model_fn = kwargs.pop("model_fn", build_model)
+    return GraftTrainer(model_fn, num_models, **kwargs)
+
+
+def max_difference(weights_a, weights_b):
+    return max(float(np.max(np.abs(a - b))) for a, b in zip(weights_a, weights_b))
+
+
+class LearningRateTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.parameters(1, 2, 4, 6)
+    def test_spread_matches_numpy(self, n):
+        k = np.arange(1, n + 1)
+        expected = 0.1 * (1 + np.cos(np.pi * (n - k) / n)) / 2
+        self.assertAllClose(schedules.spread_learning_rates(0.1, n), expected)
+        self.assertAllClose(schedules.spread_learning_rates(0.1, n)[-1], 0.1)
+
+    def test_trainer_spreads_initial_rates(self):
+        trainer = make_trainer(4, lr_spread=True, optimizer=keras.optimizers.SGD(0.2))
+        rates = [float(opt.learning_rate.numpy()) for opt in trainer.optimizers]
+        self.assertAllClose(rates, 0.2 * (1 + np.cos(np.pi * (4 - np.arange(1, 5)) / 4)) / 2)
+
+    def test_cosine_annealing_matches_numpy(self):
+        schedule = schedules.CosineAnnealing(0.1, epochs=3, steps_per_epoch=4, alpha=0.1)
+        t = np.arange(0, 15)
+        expected = 0.1 * (0.1 + 0.9 * (1 + np.cos(np.pi * np.minimum(t, 12) / 12)) / 2)
+        self.assertAllClose([float(schedule(s)) for s in t], expected, atol=1e-7)
+
+    def test_step_decay_matches_numpy(self):
+        schedule = schedules.StepDecay(0.1, every_epochs=2, steps_per_epoch=3, factor=0.5)
+        t = np.arange(0, 20)
+        self.assertAllClose([float(schedule(s)) for s in t], 0.1 * 0.5 ** (t // 6), atol=1e-7)
+
+    def test_schedules_round_trip_config(self):
+        for schedule in (schedules.CosineAnnealing(0.1, 3, 4), schedules.StepDecay(0.1, 2, 3)):
+            clone = schedule.__class__.from_config(schedule.get_config())
+            self.assertAllClose(float(clone(7)), float(schedule(7)))
+
+    def test_trainer_cosine_schedule_per_step(self):
+        x, y = tiny_data(32)
+        trainer = make_trainer(2, lr_spread=True, lr_schedule="cosine", grafting=None)
+        history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        # 4 steps per epoch, 8 in all: after epoch 1, t = 4 = T / 2.
+        first = [history.history[f"learning_rate_{k}"][0] for k in range(2)]
+        self.assertAllClose(first, np.array([0.05, 0.1]) * 0.5, atol=1e-6)
+        self.assertAllClose([history.history[f"learning_rate_{k}"][1] for k in range(2)], [0.0, 0.0], atol=1e-7)
+
+    def test_step_schedule_spec(self):
+        factory = schedules.schedule_factory({"name": "step", "every_epochs": 1, "factor": 0.5}, 10, 2)
+        self.assertAllClose(float(factory(0.4)(5)), 0.4 * 0.5**2)
+
+
+class TrainerTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_default_and_mirrored_give_the_same_weights(self):
+        x, y = tiny_data(32)
+        weights = {}
+        for name, strategy in (("default", None), ("mirrored", testing_utils.mirrored_strategy())):
+            trainer = make_trainer(2, strategy=strategy)
+            self.assertEqual(trainer.strategy.num_replicas_in_sync, 1 if strategy is None else 2)
+            history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+            weights[name] = [w for model in trainer.models for w in model.get_weights()]
+            weights[name + "_loss"] = history.history["loss_1"]
+        self.assertLess(max_difference(weights["default"], weights["mirrored"]), 1e-5)
+        self.assertAllClose(weights["default_loss"], weights["mirrored_loss"], atol=1e-5)
+
+    def test_mirrored_batch_norm_statistics_agree_between_replicas(self):
+        x, y = tiny_data(32)
+        trainer = make_trainer(2, strategy=testing_utils.mirrored_strategy(),
+                               model_fn=lambda: build_model(batch_norm=True))
+        trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
+        for model in trainer.models:
+            for variable in model.non_trainable_weights:
+                replicas = trainer.strategy.experimental_local_results(variable.value)
+                self.assertAllClose(replicas[0], replicas[1])
+
+    def test_grafting_makes_two_models_equal_after_each_graft(self):
+        x, y = tiny_data(32)
+        differences = []
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                peers = self.model.peers
+                differences.append(max_difference(peers[0].get_weights(), peers[1].get_weights()))
+
+        trainer = make_trainer(2, grafting=Grafting(every_n_epochs=2), lr_spread=True,
+                               model_fn=lambda: build_model(batch_norm=True))
+        history = trainer.fit((x, y), epochs=4, batch_size=8, verbose=0, callbacks=[Record()])
+        self.assertGreater(differences[0], 1e-3)
+        self.assertGreater(differences[2], 1e-3)
+        self.assertLess(differences[1], 1e-6)
+        self.assertLess(differences[3], 1e-6)
+        self.assertEqual(history.history["graft_layers"], [0, 4, 0, 4])
+        self.assertEqual(history.history["graft_alpha_0"][0], 1.0)
+        alphas = [history.history[f"graft_alpha_{k}"][1] for k in range(2)]
+        self.assertAllClose(sum(alphas), 1.0, atol=1e-6)  # arctan is odd: alpha_0 + alpha_1 = 1 for N = 2.
+
+    def test_without_grafting_models_differ(self):
+        x, y = tiny_data(32)
+        trainer = make_trainer(2)
+        history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        self.assertGreater(max_difference(trainer.models[0].get_weights(), trainer.models[1].get_weights()), 1e-3)
+        self.assertNotIn("graft_alpha", history.history)
+
+    def test_ring_of_four(self):
+        x, y = tiny_data(32)
+        trainer = make_trainer(4, grafting={"a": 0.4, "c": 500.0}, lr_spread=True)
+        history = trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
+        self.assertEqual(history.history["graft_layers"], [8])
+        for k in range(4):
+            self.assertIn(f"graft_alpha_{k}", history.history)
+
+    def test_data_order_per_model_shared_and_per_epoch(self):
+        x, _ = tiny_data(16)
+        labels = np.arange(16)
+
+        def orders(data_order, epoch):
+            trainer = make_trainer(2, data_order=data_order, seed=5)
+            pipelines, _ = trainer._train_pipelines((x, labels), 16, None)
+            return [next(iter(pipelines(k, tf.distribute.InputContext(), epoch)))[1].numpy() for k in range(2)]
+
+        per_model = orders("per_model", 0)
+        self.assertNotAllEqual(per_model[0], per_model[1])
+        self.assertAllEqual(orders("per_model", 0)[1], per_model[1])
+        self.assertNotAllEqual(orders("per_model", 1)[0], per_model[0])
+        shared = orders("shared", 0)
+        self.assertAllEqual(shared[0], shared[1])
+
+    def test_dataset_function_with_epoch(self):
+        x, y = tiny_data(32)
+        calls = []
+
+        def dataset_fn(model_index, input_context, epoch):
+            calls.append((model_index, epoch))
+            batch = input_context.get_per_replica_batch_size(8)
+            return tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=model_index + 10 * epoch).batch(batch)
+
+        history = make_trainer(2).fit(dataset_fn, epochs=2, verbose=0)
+        self.assertLen(history.history["loss_0"], 2)
+        self.assertIn((1, 1), calls)
+
+    def test_callbacks_and_logs(self):
+        x, y = tiny_data(32)
+        path = os.path.join(self.get_temp_dir(), "log.csv")
+        stats = FilterStats(thresholds=0.1)
+        first_epoch_weights = []
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: epoch or first_epoch_weights.extend(trainer.ensemble.get_weights()))
+        # No accuracy improves by 1: EarlyStopping stops after epoch 2 and restores all peers from epoch 1.
+        early = keras.callbacks.EarlyStopping(monitor="val_accuracy_ensemble", mode="max", min_delta=1.0,
+                                              patience=0, restore_best_weights=True)
+        trainer = make_trainer(2, grafting=Grafting())
+        history = trainer.fit((x, y), epochs=5, batch_size=8, validation_data=(x, y), verbose=1,
+                              callbacks=[stats, record, early, keras.callbacks.CSVLogger(path),
+                                         keras.callbacks.ProgbarLogger()])
+        self.assertIsInstance(history, keras.callbacks.History)
+        self.assertEqual(history.epoch, [0, 1])
+        self.assertLen(first_epoch_weights, 2 * len(trainer.models[0].weights))
+        self.assertLess(max_difference(trainer.ensemble.get_weights(), first_epoch_weights), 1e-7)
+        self.assertIs(stats.models, trainer.models)
+        for key in ("loss", "loss_0", "accuracy_1", "val_loss_0", "val_accuracy_ensemble", "val_loss_ensemble",
+                    "graft_alpha_0", "graft_alpha", "invalid_filters_0", "mean_entropy_1", "learning_rate_1",
+                    "nonfinite_models"):
+            self.assertIn(key, history.history)
+        self.assertAllClose(history.history["loss"],
+                            np.mean([history.history["loss_0"], history.history["loss_1"]], axis=0))
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        self.assertLen(rows, 2)
+        self.assertAllClose(float(rows[1]["val_accuracy_ensemble"]), history.history["val_accuracy_ensemble"][1])
+
+    def test_tensorboard(self):
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            self.skipTest("tensorboard is not installed")
+        x, y = tiny_data(16)
+        logdir = self.get_temp_dir()
+        make_trainer(2).fit((x, y), epochs=1, batch_size=8, validation_data=(x, y), verbose=0,
+                            callbacks=[keras.callbacks.TensorBoard(logdir, histogram_freq=1)])
+        self.assertNotEmpty(os.listdir(os.path.join(logdir, "train")))
+
+    def test_evaluate_and_predict(self):
+        x, y = tiny_data(24)
+        trainer = make_trainer(2)
+        trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
+        results = trainer.evaluate((x, y), batch_size=10)
+        outputs = trainer.predict(x, ensemble=False, batch_size=7)
+        self.assertLen(outputs, 2)
+        for k, (model, logits) in enumerate(zip(trainer.models, outputs)):
+            self.assertAllClose(logits, model(x).numpy(), atol=1e-5)
+            expected_loss = float(LOGITS_LOSS(y, logits)) + float(sum(model.losses))
+            self.assertAllClose(results[f"loss_{k}"], expected_loss, atol=1e-5)
+            self.assertAllClose(results[f"accuracy_{k}"], np.mean(np.argmax(logits, -1) == y))
+        probabilities = np.mean([tf.nn.softmax(o).numpy() for o in outputs], axis=0)
+        self.assertAllClose(trainer.predict(x), probabilities, atol=1e-6)
+        self.assertAllClose(trainer.predict(tf.data.Dataset.from_tensor_slices((x, y)).batch(5)), probabilities,
+                            atol=1e-6)
+        self.assertAllClose(results["accuracy_ensemble"], np.mean(np.argmax(probabilities, -1) == y))
+        self.assertAllClose(results["loss_ensemble"],
+                            float(keras.losses.sparse_categorical_crossentropy(y, probabilities).numpy().mean()),
+                            atol=1e-5)
+
+    def test_ensemble_model_round_trips_config(self):
+        trainer = make_trainer(2)
+        clone = PeerEnsemble.from_config(trainer.ensemble.get_config())
+        self.assertEqual(clone.output_activation, "softmax")
+        self.assertLen(clone.peers, 2)
+
+    def test_nan_model_is_not_grafted_and_reported(self):
+        x, y = tiny_data(32)
+        poisoned = x.copy()
+        poisoned[0, 0, 0, 0] = np.nan
+
+        def dataset_fn(model_index, input_context, epoch):
+            data = poisoned if (model_index == 1 and epoch >= 1) else x
+            return tf.data.Dataset.from_tensor_slices((data, y)).batch(8)
+
+        trainer = make_trainer(2, grafting=Grafting())
+        history = trainer.fit(dataset_fn, epochs=3, verbose=0)
+        self.assertEqual(history.history["nonfinite_models"], [0, 1, 1])
+        self.assertTrue(math.isnan(history.history["loss_1"][1]))
+        self.assertGreater(history.history["graft_skipped_layers_0"][1], 0)  # Model 0 takes from model 1.
+        self.assertEqual(history.history["graft_skipped_layers_1"][1], 0)
+        for weight in trainer.models[0].get_weights():
+            self.assertTrue(np.all(np.isfinite(weight)))
+
+        trainer = make_trainer(2, grafting=Grafting())
+        history = trainer.fit(dataset_fn, epochs=4, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
+        self.assertEqual(history.epoch, [0, 1])
+
+    def test_backup_restores_models_and_optimizers(self):
+        x, y = tiny_data(16)
+        backup = self.get_temp_dir()
+        first = make_trainer(2, backup_dir=backup)
+        first.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        second = make_trainer(2, backup_dir=backup, seed=2)
+        history = second.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        self.assertEqual(history.epoch, [])
+        self.assertLess(max_difference(first.ensemble.get_weights(), second.ensemble.get_weights()), 1e-7)
+        for a, b in zip(first.optimizers, second.optimizers):
+            self.assertEqual(int(a.iterations.numpy()), int(b.iterations.numpy()))
+            self.assertLess(max_difference([v.numpy() for v in a.variables], [v.numpy() for v in b.variables]), 1e-7)
+
+    def test_resume_after_kill_equals_uninterrupted_run(self):
+        tmp = self.get_temp_dir()
+        full, resumed, backup = (os.path.join(tmp, name) for name in ("full.npz", "resumed.npz", "backup"))
+        uninterrupted = subprocess.Popen([sys.executable, WORKER, f"--out={full}"], stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.PIPE)
+        killed = subprocess.run([sys.executable, WORKER, f"--out={resumed}", f"--backup_dir={backup}",
+                                 "--exit_after_epoch=2"], capture_output=True, timeout=300)
+        self.assertEqual(killed.returncode, 3, killed.stderr.decode()[-2000:])
+        self.assertFalse(os.path.exists(resumed))
+        restarted = subprocess.run([sys.executable, WORKER, f"--out={resumed}", f"--backup_dir={backup}"],
+                                   capture_output=True, timeout=300)
+        self.assertEqual(restarted.returncode, 0, restarted.stderr.decode()[-2000:])
+        _, stderr = uninterrupted.communicate(timeout=300)
+        self.assertEqual(uninterrupted.returncode, 0, stderr.decode()[-2000:])
+        a, b = np.load(full), np.load(resumed)
+        self.assertAllEqual(b["epochs_run"], [2, 3])
+        self.assertAllEqual(a["iterations"], b["iterations"])
+        for key in a.files:
+            if key.startswith("m"):
+                self.assertAllEqual(a[key], b[key], msg=key)
+
+
+class BadInputTest(tf.test.TestCase, parameterized.TestCase):
+
+    @parameterized.parameters(0, -1, 1.5, True)
+    def test_num_models(self, n):
+        with self.assertRaisesRegex(ValueError, "num_models must be an integer >= 1"):
+            make_trainer(n)
+
+    def test_different_architectures(self):
+        units = iter([3, 4])
+        message = r"Model 1 .* has shape \(64, 3\) in the model but .* \(64, 4\) in the peer"
+        with self.assertRaisesRegex(ValueError, message):
+            make_trainer(2, model_fn=lambda: build_model(units=next(units)))
+
+    def test_same_model_object_twice(self):
+        model = build_model()
+        with self.assertRaisesRegex(ValueError, "same model object twice"):
+            make_trainer(2, model_fn=lambda: model)
+
+    def test_unbuilt_model(self):
+        with self.assertRaisesRegex(ValueError, "not built"):
+            make_trainer(2, model_fn=lambda: keras.Sequential([keras.layers.Dense(3)]))
+
+    def test_grafting_settings(self):
+        with self.assertRaisesRegex(ValueError, "at least 2 models"):
+            make_trainer(1, grafting=Grafting())
+        with self.assertRaisesRegex(ValueError, "peers=None"):
+            make_trainer(2, grafting=Grafting(peers=build_model()))
+        with self.assertRaisesRegex(TypeError, "grafting must be"):
+            make_trainer(2, grafting="ring")
+        with self.assertRaisesRegex(ValueError, "level"):
+            make_trainer(2, grafting={"level": "channel"})
+
+    def test_optimizer_and_schedule_options(self):
+        with self.assertRaisesRegex(ValueError, "set each model's learning rate in the factory"):
+            make_trainer(2, optimizer=lambda k: keras.optimizers.SGD(0.1), lr_spread=True)
+        with self.assertRaisesRegex(TypeError, "not a Keras optimizer"):
+            make_trainer(2, optimizer=lambda k: "sgd")
+        with self.assertRaisesRegex(ValueError, "lr_schedule must be"):
+            make_trainer(2, lr_schedule="linear")
+        with self.assertRaisesRegex(ValueError, "data_order"):
+            make_trainer(2, data_order="random")
+        with self.assertRaisesRegex(ValueError, "Unknown strategy"):
+            make_trainer(2, strategy="tpu")
+        with self.assertRaisesRegex(ValueError, "needs a loss"):
+            make_trainer(2, loss=None)
+        trainer = make_trainer(2, optimizer=lambda k: keras.optimizers.Adam(1e-3 * (k + 1)))
+        self.assertAllClose([float(o.learning_rate.numpy()) for o in trainer.optimizers], [1e-3, 2e-3])
+
+    def test_element_shape_does_not_fit(self):
+        trainer = make_trainer(2)
+        x = np.zeros((16, 5, 5, 2), "float32")
+        with self.assertRaisesRegex(ValueError, r"train_data does not fit the models.*\(None, 6, 6, 2\)"):
+            trainer.fit((x, np.zeros(16)), batch_size=8)
+        with self.assertRaisesRegex(ValueError, "must be \\(x, y\\) pairs"):
+            trainer.fit(tf.data.Dataset.from_tensor_slices(np.zeros((16, 6, 6, 2), "float32")), batch_size=8)
+
+    def test_batching_errors(self):
+        x, y = tiny_data(16)
+        trainer = make_trainer(2)
+        with self.assertRaisesRegex(ValueError, "already batched"):
+            trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(4), batch_size=4)
+        with self.assertRaisesRegex(ValueError, "positive integer batch_size"):
+            trainer.fit((x, y))
+        with self.assertRaisesRegex(ValueError, "give 2 batches"):
+            trainer.fit((x, y), batch_size=8, steps_per_epoch=3)
+        with self.assertRaisesRegex(ValueError, "infinite"):
+            trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)).repeat(), batch_size=8)
+        with self.assertRaisesRegex(ValueError, "different numbers of examples"):
+            trainer.fit((x, y[:3]), batch_size=8)
+
+    def test_batch_size_not_divisible_by_replicas(self):
+        x, y = tiny_data(16)
+        trainer = make_trainer(2, strategy=testing_utils.mirrored_strategy())
+        with self.assertRaisesRegex(ValueError, "not divisible by the 2 replicas"):
+            trainer.fit((x, y), batch_size=7)
+
+    @parameterized.named_parameters(
+        ("array", lambda x, y: x, TypeError, "validation_data must be a tf.data.Dataset"),
+        ("triple", lambda x, y: (x, y, y), TypeError, "validation_data must be a tf.data.Dataset"),
+        ("string", lambda x, y: "test", TypeError, "validation_data must be a tf.data.Dataset"),
+        ("shape", lambda x, y: (x[:, :5], y), ValueError, "validation_data does not fit the models"),
+        ("x_only", lambda x, y: tf.data.Dataset.from_tensor_slices(x), ValueError, "validation_data does not fit"),
+    )
+    def test_validation_data_of_the_wrong_kind(self, make, error, message):
+        x, y = tiny_data(16)
+        trainer = make_trainer(2)
+        with self.assertRaisesRegex(error, message):
+            trainer.fit((x, y), batch_size=8, validation_data=make(x, y))
+        self.assertEqual(int(trainer.optimizers[0].iterations.numpy()), 0)  # Nothing trained before the error.
+
+    def test_grafting_callback_in_callbacks(self):
+        x, y = tiny_data(16)
+        with self.assertRaisesRegex(ValueError, "GraftTrainer\\(grafting=Grafting"):
+            make_trainer(2).fit((x, y), batch_size=8, callbacks=[Grafting()])
+
+
+class StrategiesTest(tf.test.TestCase):
+
+    def test_names(self):
+        self.assertIs(strategies.get(None), tf.distribute.get_strategy())
+        self.assertIs(strategies.get("default"), tf.distribute.get_strategy())
+        mirrored = testing_utils.mirrored_strategy()
+        self.assertIs(strategies.get(mirrored), mirrored)
+        self.assertLen(strategies.local_devices(), 2)  # conftest splits the CPU in two.
+        self.assertFalse(strategies.is_multi_worker(mirrored))
+        with self.assertRaisesRegex(ValueError, "Unknown strategy"):
+            strategies.get("tpu")
