@@ -51,31 +51,29 @@ def _error(message):
 
 def _spec_for(path):
     """(ModelSpec, results dict or None) for one weights file."""
-    results = _common.load_results_near(path)
-    if FLAGS.model is None:
-        if results is None or "model_spec" not in results:
-            raise _error(f"No {_common.RESULTS_FILE} next to {path} to read the architecture from: pass "
-                                 "--model (and --dataset or --num_classes/--input_shape).")
-        spec = _common.ModelSpec.from_dict(results["model_spec"])
-        return spec, results
     import dataclasses
 
     from keras_graft import datasets
 
-    cfg = _common.Config(model=FLAGS.model, depth=FLAGS.depth, width=FLAGS.width,
-                         dataset=FLAGS.dataset or "cifar10", image_size=FLAGS.image_size, weight_decay=0.0)
+    results = _common.load_results_near(path)
+    saved = _common.ModelSpec.from_dict(results["model_spec"]) if results and "model_spec" in results else None
+    if FLAGS.model is None:
+        if saved is None:
+            raise _error(f"No {_common.RESULTS_FILE} next to {path} to read the architecture from: pass --model (and "
+                         "--dataset or --num_classes/--input_shape).")
+        return saved, results
     dsinfo = None
     if FLAGS.dataset is not None:
         if FLAGS.dataset not in datasets.NAMES:
             raise _error(f"Unknown --dataset={FLAGS.dataset!r}; valid: {', '.join(datasets.NAMES)}.")
         dsinfo = datasets.info(FLAGS.dataset, image_size=FLAGS.image_size)
-    elif results is not None and "model_spec" in results:
-        previous = _common.ModelSpec.from_dict(results["model_spec"])
-        dsinfo = datasets.DatasetInfo("?", previous.num_classes, previous.input_shape, 0, 0, (), (), "test", None)
+    cfg = _common.Config(model=FLAGS.model, depth=FLAGS.depth, width=FLAGS.width, weight_decay=0.0)
     try:
         spec = _common.model_spec(cfg, dsinfo)
     except _common.ConfigError as e:
         raise _error(str(e)) from e
+    if dsinfo is None and saved is not None:  # Classes and input shape from the run, architecture from the flags.
+        spec = dataclasses.replace(spec, num_classes=saved.num_classes, input_shape=saved.input_shape)
     if FLAGS.num_classes:
         spec = dataclasses.replace(spec, num_classes=FLAGS.num_classes)
     if FLAGS.input_shape:

@@ -17,7 +17,6 @@ from unittest import mock
 
 import keras
 import tensorflow as tf
-from absl import app
 from absl import flags
 from absl.testing import flagsaver
 from absl.testing import parameterized
