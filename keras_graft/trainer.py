@@ -713,8 +713,9 @@ class GraftTrainer:
         Returns the ensemble's mean probabilities, or with ``ensemble=False`` a list of each model's outputs.
         """
         dataset = x if isinstance(x, tf.data.Dataset) else tf.data.Dataset.from_tensor_slices(x)
-        if isinstance(dataset.element_spec, tuple) and len(dataset.element_spec) == 2:
-            dataset = dataset.map(lambda inputs, _: inputs)
+        spec = dataset.element_spec
+        if isinstance(spec, tuple) and len(tf.nest.flatten(spec)) > len(self.models[0].inputs):
+            dataset = dataset.map(lambda inputs, *targets: inputs)  # (x, y) elements: keep x.
         if not self._inputs_batched(dataset.element_spec, "predict data", dataset.element_spec):
             dataset = dataset.batch(batch_size)
         if self._predict_function is None:

@@ -217,7 +217,8 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         x, y = tiny_data(16)
         logdir = self.get_temp_dir()
         make_trainer(2).fit((x, y), epochs=1, batch_size=8, validation_data=(x, y), verbose=0,
-                            callbacks=[keras.callbacks.TensorBoard(logdir, histogram_freq=1)])
+                            callbacks=[keras.callbacks.TensorBoard(logdir, histogram_freq=1, write_steps_per_second=True,
+                                                                   update_freq="batch")])
         self.assertNotEmpty(os.listdir(os.path.join(logdir, "train")))
 
     def test_evaluate_and_predict(self):
