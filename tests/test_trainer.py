@@ -104,6 +104,16 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(max_difference(weights["default"], weights["mirrored"]), 1e-5)
         self.assertAllClose(weights["default_loss"], weights["mirrored_loss"], atol=1e-5)
 
+    def test_keras_loss_divides_by_the_number_of_replicas(self):
+        """The trap the train step relies on: the default reduction already scales by 1 / replicas."""
+        strategy = testing_utils.mirrored_strategy()
+        logits = tf.constant([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+        labels = tf.constant([0, 2])
+        per_replica = strategy.run(tf.function(lambda: LOGITS_LOSS(labels, logits)))
+        expected = float(tf.reduce_mean(tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))) / 2
+        for value in strategy.experimental_local_results(per_replica):
+            self.assertAllClose(float(value), expected)
+
     def test_mirrored_batch_norm_statistics_agree_between_replicas(self):
         x, y = tiny_data(32)
         trainer = make_trainer(2, strategy=testing_utils.mirrored_strategy(),
@@ -216,9 +226,9 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             self.skipTest("tensorboard is not installed")
         x, y = tiny_data(16)
         logdir = self.get_temp_dir()
-        make_trainer(2).fit((x, y), epochs=1, batch_size=8, validation_data=(x, y), verbose=0,
-                            callbacks=[keras.callbacks.TensorBoard(logdir, histogram_freq=1, write_steps_per_second=True,
-                                                                   update_freq="batch")])
+        board = keras.callbacks.TensorBoard(logdir, histogram_freq=1, write_steps_per_second=True,
+                                            update_freq="batch")
+        make_trainer(2).fit((x, y), epochs=1, batch_size=8, validation_data=(x, y), verbose=0, callbacks=[board])
         self.assertNotEmpty(os.listdir(os.path.join(logdir, "train")))
 
     def test_evaluate_and_predict(self):
