@@ -570,7 +570,8 @@ class GraftTrainer:
         Args:
           train_data: unbatched examples (a tf.data.Dataset of (x, y) or a tuple of arrays) with ``batch_size``,
             each model shuffling them with its own seed per epoch; or a function ``(model_index, input_context)``
-            (optionally with an ``epoch`` keyword) returning model k's per-replica batched dataset.
+            (optionally with an ``epoch`` keyword) returning model k's per-replica batched dataset (with several
+            replicas, batch with ``drop_remainder=True``: an empty replica batch breaks BatchNormalization).
           epochs: train until this epoch (as Keras: ``epochs - initial_epoch`` epochs).
           batch_size: global batch per model; must be divisible by the number of replicas.
           validation_data: a tf.data.Dataset of (x, y) (batched or not) or a tuple (x, y) of arrays.
