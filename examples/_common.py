@@ -555,15 +555,10 @@ def _data(cfg, dsinfo, strategy):
             raise ConfigError(f"--steps_per_epoch={cfg.steps_per_epoch} but {examples} training examples in batches "
                               f"of {cfg.batch_size} give {available} steps per epoch.")
         steps = cfg.steps_per_epoch
-    per_model = datasets.per_model_dataset_fn(
-        cfg.dataset, batch_size=cfg.batch_size, base_seed=int(cfg.seed) * 1_000_003, subset=cfg.train_subset,
+    # Each (model, epoch) gets its own order and augmentation; a resumed epoch sees the same batches again.
+    train_fn = datasets.per_model_dataset_fn(
+        cfg.dataset, batch_size=cfg.batch_size, base_seed=int(cfg.seed) * 100_003, subset=cfg.train_subset,
         image_size=cfg.image_size, data_dir=cfg.data_dir, drop_remainder=replicas > 1)
-
-    def train_fn(model_index, input_context=None, epoch=0):
-        # per_model_dataset_fn seeds model k's order and augmentation with base_seed + k; GraftTrainer builds a new
-        # pipeline every epoch, so the epoch goes into that index: each (model, epoch) gets its own order, and a
-        # resumed epoch sees the same batches again.
-        return per_model(int(model_index) * 100_003 + int(epoch), input_context)
 
     try:
         train_fn(0)  # Reads the training split into memory (shared by every model's pipeline).
@@ -643,7 +638,7 @@ def run(cfg, log=logging.info, strategy=None):
             optimizer=keras.optimizers.SGD(cfg.lr, momentum=cfg.momentum),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
             strategy=strategy, lr_spread=cfg.lr_spread, lr_schedule=_schedule(cfg), seed=cfg.seed,
-            backup_dir=cfg.backup_dir, **kwargs)
+            backup_dir=cfg.backup_dir, data_order="shared" if cfg.method == "mutual" else "per_model", **kwargs)
     except ValueError as e:
         hint = (" Pass --image_size=32 to pad the images to CIFAR's size." if spec.input_shape[0] < 32 else "")
         message = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()

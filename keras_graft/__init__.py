@@ -6,10 +6,12 @@ their own, so the core never depends on them.
 
 from keras_graft import criteria
 from keras_graft.callbacks import FilterStats, Grafting
+from keras_graft.distillation import Distillation
 from keras_graft.grafting import Grafter, GraftResult, RingGrafter, adaptive_coefficient, graft
 from keras_graft.peers import ModelPeers, PeerSource
 from keras_graft.reactivation import RePr
 from keras_graft.scions import InternalScion, NoiseScion
-from keras_graft.shared_directory import SharedDirectory
+from keras_graft.shared_directory import SharedDirectory, UnreadableWeightsError
+from keras_graft.trainer import GraftTrainer, PeerEnsemble
 
 __version__ = "0.1.0"

@@ -675,8 +675,9 @@ def per_model_dataset_fn(
     base_seed: Optional[int] = 0,
     **kwargs,
 ) -> Callable[..., tf.data.Dataset]:
-    """A function ``(model_index, input_context=None) -> tf.data.Dataset`` giving each model of a multi-model
-    trainer its own data order: shuffle seed ``base_seed + model_index`` (None: unseeded).
+    """A function ``(model_index, input_context=None, epoch=0) -> tf.data.Dataset`` giving each model of a
+    multi-model trainer its own data order: shuffle seed ``base_seed + model_index + 1_000_003 * epoch`` (None:
+    unseeded). GraftTrainer passes the epoch, so every epoch has a new order and a resumed epoch the same one.
 
     With an `input_context` (``strategy.distribute_datasets_from_function(lambda ctx: fn(k, ctx))``) the
     dataset is sharded by ``input_context.input_pipeline_id`` over ``num_input_pipelines`` and batched with
@@ -711,8 +712,8 @@ def per_model_dataset_fn(
         raise TypeError(f"Unexpected arguments for per_model_dataset_fn: {sorted(unknown)}")
     load_kwargs.update(kwargs)
 
-    def dataset_fn(model_index: int, input_context: Optional[tf.distribute.InputContext] = None):
-        seed = None if base_seed is None else int(base_seed) + int(model_index)
+    def dataset_fn(model_index: int, input_context: Optional[tf.distribute.InputContext] = None, epoch: int = 0):
+        seed = None if base_seed is None else int(base_seed) + int(model_index) + 1_000_003 * int(epoch)
         return _pipeline(
             name, get_source(), split, batch_size, load_kwargs["training"], seed, load_kwargs["prefetch"],
             load_kwargs["drop_remainder"], load_kwargs["augment"], load_kwargs["image_size"],

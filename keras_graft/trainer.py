@@ -28,6 +28,7 @@ from absl import logging
 
 from keras_graft import callbacks as callbacks_lib
 from keras_graft import grafting as grafting_lib
+from keras_graft import reactivation
 from keras_graft import schedules as schedules_lib
 from keras_graft import strategies as strategies_lib
 
@@ -129,8 +130,9 @@ class _ModelMetrics:
     Metric variables are synchronised on read, so results read in cross-replica context cover all replicas.
     """
 
-    def __init__(self, metric_specs, y_spec, output_shape):
+    def __init__(self, metric_specs, y_spec, output_shape, loss_terms=()):
         self.loss = keras.metrics.Mean(name="loss")
+        self.terms = {name: keras.metrics.Mean(name=name) for name in loss_terms}
         self.metrics = [self._metric(spec, y_spec, output_shape) for spec in metric_specs]
 
     @staticmethod
@@ -156,11 +158,20 @@ class _ModelMetrics:
         for metric in self.metrics:
             metric.update_state(y, y_pred)
 
+    def update_terms(self, batch_size, **terms):
+        """Parts of the loss (e.g. task_loss, distill_loss), per replica as the optimizer sees them."""
+        for name, value in terms.items():
+            self.terms[name].update_state(value * _replicas(), sample_weight=batch_size)
+
     def results(self):
-        return {"loss": self.loss.result(), **{m.name: m.result() for m in self.metrics}}
+        results = {"loss": self.loss.result(), **{m.name: m.result() for m in self.metrics}}
+        results.update({name: term.result() for name, term in self.terms.items()})
+        return results
 
     def reset(self):
         self.loss.reset_state()
+        for term in self.terms.values():
+            term.reset_state()
         for metric in self.metrics:
             metric.reset_state()
 
@@ -241,11 +252,15 @@ class GraftTrainer:
       seed: seeds the models' initialisation (``keras.utils.set_random_seed``) and the data order. None: random
         (the data seed is still kept in the backup, so a resumed run sees the same data order).
       backup_dir: directory for checkpoints after every epoch; ``fit`` resumes from the last one.
+      distillation: a :class:`keras_graft.Distillation`: cultivation (with grafting) or deep mutual learning.
+        Teachers run inside the same compiled step, once per batch with ``data_order="shared"`` (which the mutual
+        option needs, so that students compare predictions on the same images), otherwise once per model's batch.
+        Logs then carry ``task_loss_k`` and ``distill_loss_k``.
     """
 
     def __init__(self, model_fn, num_models=2, optimizer="sgd", loss=None, metrics=None, grafting=None,
                  strategy=None, lr_spread=False, lr_schedule=None, data_order="per_model", seed=None,
-                 backup_dir=None):
+                 backup_dir=None, distillation=None):
         if isinstance(num_models, bool) or int(num_models) != num_models or num_models < 1:
             raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}.")
         if data_order not in DATA_ORDERS:
@@ -258,6 +273,10 @@ class GraftTrainer:
         self.loss = _resolve_loss(loss)
         self.metric_specs = list(metrics or [])
         self.data_order = data_order
+        self.distillation = distillation
+        if distillation is not None and distillation.mutual and data_order != "shared":
+            raise ValueError("Mutual distillation compares the students' predictions on the same batch: use "
+                             "data_order='shared'.")
         self.lr_spread = bool(lr_spread)
         self.backup_dir = backup_dir
         if seed is not None:
@@ -279,6 +298,8 @@ class GraftTrainer:
             self.ensemble = PeerEnsemble(self.models, _output_activation(self.loss, output_shape), name="peers")
             self.ensemble.optimizer = self.optimizers[0]  # Read by TensorBoard for the step counter.
             self.ensemble.stop_training = False
+            if distillation is not None:
+                distillation.build(self.models)
         self._ensemble_loss = _probability_loss(self.loss)
         self._ring = None
         if self.grafting is not None:
@@ -398,6 +419,7 @@ class GraftTrainer:
             takes_epoch = "epoch" in inspect.signature(train_data).parameters
 
             def user_fn(k, context, epoch):
+                k = k if self.data_order == "per_model" else 0  # "shared": every model gets model 0's batches
                 return train_data(k, context, epoch=epoch) if takes_epoch else train_data(k, context)
 
             probe = user_fn(0, tf.distribute.InputContext(1, 0, replicas), 0)
@@ -477,13 +499,16 @@ class GraftTrainer:
             return
         output_shape = tuple(self.models[0].outputs[0].shape)
         with self.strategy.scope():
-            self._trackers = [_ModelMetrics(self.metric_specs, y_spec, output_shape) for _ in self.models]
+            terms = ("task_loss", "distill_loss") if self.distillation is not None else ()
+            self._trackers = [_ModelMetrics(self.metric_specs, y_spec, output_shape, terms) for _ in self.models]
             self._ensemble_tracker = _ModelMetrics(self.metric_specs, y_spec, output_shape)
 
     def _regularization(self, model):
         return tf.add_n(model.losses) / _replicas() if model.losses else 0.0
 
     def _replica_train_step(self, batches):
+        if self.distillation is not None:
+            return self._replica_distillation_step(batches)
         for model, optimizer, tracker, (x, y) in zip(self.models, self.optimizers, self._trackers, batches):
             with tf.GradientTape() as tape:
                 y_pred = model(x, training=True)
@@ -491,6 +516,28 @@ class GraftTrainer:
             gradients = tape.gradient(loss, model.trainable_variables)
             optimizer.apply_gradients(zip(gradients, model.trainable_variables))
             tracker.update(loss, y, y_pred)
+
+    def _replica_distillation_step(self, batches):
+        """All students in one tape: task loss + distillation loss (teachers and/or the other students)."""
+        distillation = self.distillation
+        with tf.GradientTape() as tape:
+            predictions = [model(x, training=True) for model, (x, _) in zip(self.models, batches)]
+            if self.data_order == "shared":
+                distill = distillation.losses(predictions, distillation.teacher_probabilities(batches[0][0]))
+            else:
+                distill = [distillation.losses([y_pred], distillation.teacher_probabilities(x))[0]
+                           for y_pred, (x, _) in zip(predictions, batches)]
+            task = [self.loss(y, y_pred) for y_pred, (_, y) in zip(predictions, batches)]
+            totals = [t + d + self._regularization(m) for t, d, m in zip(task, distill, self.models)]
+            # The other students' predictions are held constant, so d(sum)/d(model k) = d(loss k)/d(model k).
+            total = tf.add_n(totals)
+        variables = [model.trainable_variables for model in self.models]
+        gradients = tape.gradient(total, variables)
+        for optimizer, grads, model_variables in zip(self.optimizers, gradients, variables):
+            optimizer.apply_gradients(zip(grads, model_variables))
+        for tracker, loss, t, d, y_pred, (_, y) in zip(self._trackers, totals, task, distill, predictions, batches):
+            tracker.update(loss, y, y_pred)
+            tracker.update_terms(tf.shape(y_pred)[0], task_loss=t, distill_loss=d)
 
     def _train_logs(self):
         """Running per-model results and their mean over models (NaN when a model's loss is NaN)."""
@@ -510,10 +557,16 @@ class GraftTrainer:
 
     def _replica_test_step(self, data):
         x, y = data
+        predictions = [model(x, training=False) for model in self.models]
+        distill = [0.0] * len(self.models)
+        if self.distillation is not None:
+            distill = self.distillation.losses(predictions, self.distillation.teacher_probabilities(x))
         probabilities = []
-        for model, tracker in zip(self.models, self._trackers):
-            y_pred = model(x, training=False)
-            tracker.update(self.loss(y, y_pred) + self._regularization(model), y, y_pred)
+        for model, tracker, y_pred, d in zip(self.models, self._trackers, predictions, distill):
+            task = self.loss(y, y_pred)
+            tracker.update(task + d + self._regularization(model), y, y_pred)
+            if self.distillation is not None:
+                tracker.update_terms(tf.shape(y_pred)[0], task_loss=task, distill_loss=d)
             probabilities.append(self.ensemble.probabilities(y_pred))
         ensemble = keras.ops.mean(keras.ops.stack(probabilities), axis=0)
         self._ensemble_tracker.update(self._ensemble_loss(y, ensemble), y, ensemble)
@@ -630,6 +683,8 @@ class GraftTrainer:
                                  "grafts its models in a ring.")
             if isinstance(callback, callbacks_lib.FilterStats) and callback.models is None:
                 callback.models = self.models
+            if isinstance(callback, reactivation.RePr) and callback.models is None:
+                callback.models, callback.optimizers = self.models, self.optimizers
         return keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
                                             model=self.ensemble, verbose=verbose, epochs=epochs, steps=steps)
 

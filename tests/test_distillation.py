@@ -23,7 +23,8 @@ def np_soft_ce(p, student_logits, tau):
 
 
 def classifier(seed, classes=4, name=None):
-    keras.utils.set_random_seed(seed)
+    if seed is not None:
+        keras.utils.set_random_seed(seed)
     inputs = keras.Input((6,))
     hidden = keras.layers.Dense(8, activation="tanh")(inputs)
     return keras.Model(inputs, keras.layers.Dense(classes)(hidden), name=name)
@@ -89,6 +90,61 @@ class KerasDistillerTest(tf.test.TestCase):
         self.assertEqual(history.history["graft_layers"], [2])
         for old, now in zip(teacher_before, teacher.get_weights()):
             self.assertAllEqual(old, now)
+
+
+def trainer_data(n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    return tf.data.Dataset.from_tensor_slices((x, (np.abs(x[:, 0]) * 2).astype(np.int32) % 4))
+
+
+class CultivationTest(tf.test.TestCase):
+
+    def _fit(self, strategy, distillation, grafting=None, data_order="shared", seed=0):
+        with strategy.scope():
+            teacher = classifier(7, name="teacher")
+        trainer = keras_graft.GraftTrainer(
+            lambda: classifier(None), num_models=2, optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+            grafting=grafting, strategy=strategy, data_order=data_order, seed=seed,
+            distillation=distillation(teacher))
+        teacher_before = teacher.get_weights()
+        history = trainer.fit(trainer_data(), epochs=2, batch_size=16, validation_data=trainer_data(32, 1),
+                              verbose=0)
+        for old, now in zip(teacher_before, teacher.get_weights()):
+            self.assertAllEqual(old, now)
+        return trainer, history
+
+    def test_cultivation_default_and_mirrored(self):
+        histories, weights = [], []
+        for strategy in (tf.distribute.get_strategy(), testing_utils.mirrored_strategy()):
+            trainer, history = self._fit(strategy, lambda t: Distillation([t], temperature=2.0),
+                                         grafting=keras_graft.Grafting())
+            histories.append(history.history)
+            weights.append([w.numpy() for w in trainer.models[0].weights])
+            for key in ("task_loss_0", "distill_loss_1", "val_distill_loss_0", "graft_alpha"):
+                self.assertIn(key, history.history)
+            self.assertGreater(history.history["distill_loss_0"][-1], 0.0)
+            for a, b in zip(trainer.models[0].weights, trainer.models[1].weights):  # grafted: N = 2 ends equal
+                self.assertAllClose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        self.assertAllClose(histories[0]["loss"], histories[1]["loss"], rtol=1e-4)
+        for a, b in zip(*weights):
+            self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
+
+    def test_loss_is_task_plus_distillation(self):
+        _, history = self._fit(tf.distribute.get_strategy(), lambda t: Distillation([t], weight=0.5))
+        h = history.history
+        self.assertAllClose(h["loss_0"], np.add(h["task_loss_0"], h["distill_loss_0"]), rtol=1e-5)
+
+    def test_mutual_needs_shared_batches(self):
+        _, history = self._fit(tf.distribute.get_strategy(), lambda t: Distillation([], mutual=True))
+        self.assertGreater(history.history["distill_loss_0"][0], 0.0)
+        with self.assertRaisesRegex(ValueError, "data_order='shared'"):
+            self._fit(tf.distribute.get_strategy(), lambda t: Distillation([], mutual=True), data_order="per_model")
+
+    def test_teachers_with_per_model_batches(self):
+        _, history = self._fit(tf.distribute.get_strategy(), lambda t: Distillation([t]), data_order="per_model")
+        self.assertTrue(np.isfinite(history.history["distill_loss_1"]).all())
 
 
 class BadInputTest(tf.test.TestCase):
