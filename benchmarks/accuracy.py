@@ -38,7 +38,6 @@ import json
 import math
 import os
 import shutil
-import statistics
 import time
 
 from absl import app

@@ -16,7 +16,6 @@ A config is checked in two passes, both before any training:
 import csv
 import dataclasses
 import importlib.util
-import inspect
 import json
 import math
 import os
@@ -148,16 +147,6 @@ def _positive_int(value, flag, allow_none=False):
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         raise ConfigError(f"--{flag} must be a positive integer, got {value!r}.")
-
-
-def distillation_available():
-    """(ok, reason): whether keras_graft has Distillation and GraftTrainer takes ``distillation=``."""
-    if not hasattr(keras_graft, "Distillation"):
-        return False, ("keras_graft.Distillation does not exist in this version of keras_graft (cultivation and "
-                       "mutual learning need it)")
-    if "distillation" not in inspect.signature(GraftTrainer.__init__).parameters:
-        return False, "this version of keras_graft's GraftTrainer takes no distillation= argument"
-    return True, ""
 
 
 def resolve(cfg):
@@ -307,11 +296,6 @@ def resolve(cfg):
         cfg.output = os.path.join("runs", f"{method}_{cfg.model}_{cfg.dataset}", RESULTS_FILE)
     if cfg.log_dir is None:
         cfg.log_dir = os.path.join(os.path.dirname(cfg.output) or ".", "logs")
-
-    if method in _DISTILL_METHODS:
-        ok, reason = distillation_available()
-        if not ok:
-            raise ConfigError(f"--method={method} is not available: {reason}.")
     return cfg
 
 

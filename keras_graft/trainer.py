@@ -17,7 +17,6 @@ number of replicas here for the same reason; logged losses are multiplied back.
 
 import inspect
 import math
-import os
 import shutil
 import tempfile
 

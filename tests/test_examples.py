@@ -21,12 +21,10 @@ from absl import flags
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
-import keras_graft
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXAMPLES = os.path.join(_ROOT, "examples")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_HAS_DISTILLATION = hasattr(keras_graft, "Distillation")
 
 sys.path.insert(0, _EXAMPLES)
 import _common  # noqa: E402
@@ -152,22 +150,14 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         if method == "ensemble":
             self.assertNotIn("graft_alpha", results["history"])
 
-    @unittest.skipIf(not _HAS_DISTILLATION, "keras_graft.Distillation does not exist yet")
     def test_cultivate(self):
         results = _run_train(*_TINY, "--method=cultivate", f"--teacher={self.teacher}", self.out("cultivate"))
         self.check_results(results, "cultivate", 2)
         self.assertEqual(results["config"]["teacher"], self.teacher)
 
-    @unittest.skipIf(not _HAS_DISTILLATION, "keras_graft.Distillation does not exist yet")
     def test_mutual(self):
         results = _run_train(*_TINY, "--method=mutual", self.out("mutual"))
         self.check_results(results, "mutual", 2)
-
-    @unittest.skipIf(_HAS_DISTILLATION, "keras_graft.Distillation exists")
-    def test_distillation_methods_say_what_is_missing(self):
-        for args in (["--method=cultivate", f"--teacher={self.teacher}"], ["--method=mutual"]):
-            with self.assertRaisesRegex(SystemExit, "Distillation"):
-                _run_train(*_TINY, *args, self.out("missing"))
 
     def test_plot_filters(self):
         png = os.path.join(self.dir, "filters.png")
@@ -264,11 +254,10 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
             self._run_without_training(**dict(tiny, model="vgg16_bn", width=None))
         with self.assertRaisesRegex(_common.ConfigError, "not found in /nonexistent"):
             self._run_without_training(**dict(tiny, data_dir="/nonexistent"))
-        if _HAS_DISTILLATION:
-            teacher = os.path.join(self.get_temp_dir(), "wrong_teacher.keras")
-            keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]).save(teacher)
-            with self.assertRaisesRegex(_common.ConfigError, "takes inputs of shape \\(32, 32, 3\\)"):
-                self._run_without_training(method="cultivate", teacher=teacher, **tiny)
+        teacher = os.path.join(self.get_temp_dir(), "wrong_teacher.keras")
+        keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten(), keras.layers.Dense(10)]).save(teacher)
+        with self.assertRaisesRegex(_common.ConfigError, "takes inputs of shape \\(32, 32, 3\\)"):
+            self._run_without_training(method="cultivate", teacher=teacher, **tiny)
 
     def test_flags_reach_the_checks(self):
         with flagsaver.flagsaver():
