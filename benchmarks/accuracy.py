@@ -1,4 +1,4 @@
-"""Accuracy study on real Fashion-MNIST: baseline, grafting variants, ensemble, RePr, scions (and cultivation).
+"""Accuracy study on real Fashion-MNIST: baseline, grafting variants, ensemble, RePr, scions, distillation.
 
     python benchmarks/accuracy.py                 # the study: every method x every seed, appends JSON lines
     python benchmarks/accuracy.py --smoke         # every method path once on a tiny config (seconds per method)
@@ -20,9 +20,19 @@ What changes between methods is only the method:
 * ``repr``            one model with the RePr callback (``--repr_s1/--repr_s2/--repr_cycles``, epochs);
 * ``noise_scion``     one model, Gaussian noise grafted into its invalid filters every epoch (NoiseScion);
 * ``internal_scion``  one model, its largest filters grafted into its smallest every epoch (InternalScion);
-* ``cultivation``     2 models grafting + distillation from frozen teachers, only when
-  ``keras_graft.Distillation`` exists; otherwise the run is skipped with a logged reason and nothing is written
-  (a later resume runs it once it exists).
+* ``teacher``         the frozen teacher of ``kd`` and ``cultivate``: one wider/deeper network
+  (``--teacher_depth``/``--teacher_width``, ResNet-14 width 8 by default, ~2x a baseline run) trained per seed with
+  the same protocol (same data order as model 0, same schedule and epochs), saved to
+  ``--teacher_dir``/<config>_<teacher>_seed<s>.keras (gitignored) and recorded like the other methods;
+* ``kd``              one model + distillation from the seed's teacher (``keras_graft.Distillation``, temperature
+  ``--kd_temperature``, weight ``--kd_weight``), no grafting: the knowledge-distillation baseline;
+* ``cultivate``       as ``graft2`` (2 models, entropy grafting every epoch, same lr) + distillation from the
+  seed's teacher: cultivation;
+* ``mutual``          2 models, deep mutual learning (``Distillation([], mutual=True)``, ``data_order="shared"``:
+  both models see model 0's batches), no grafting.
+
+A teacher missing from ``--teacher_dir`` when ``kd`` or ``cultivate`` needs it is trained first (its JSON line is
+written once; a retrained teacher's own test accuracy is stored in the runs that use it, ``teacher_accuracy``).
 
 Each finished run appends one JSON line to ``--output``: method, seed, the config, per-model and ensemble test
 accuracy, invalid filters (L1 norm < 0.1 and < 0.01, ``criteria.invalid_filters``) per model, seconds per epoch.
@@ -55,7 +65,8 @@ from keras_graft import models
 from keras_graft.trainer import GraftTrainer
 
 METHODS = ("baseline", "graft2", "graft2_spread", "graft3", "ensemble2", "graft2_l1", "repr", "noise_scion",
-           "internal_scion", "cultivation")
+           "internal_scion", "teacher", "kd", "cultivate", "mutual")
+DISTILLED = ("kd", "cultivate")  # the methods that learn from the seed's teacher
 THRESHOLDS = (0.1, 0.01)
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -73,6 +84,12 @@ flags.DEFINE_integer("repr_s1", 2, "RePr: epochs of full training before each dr
 flags.DEFINE_integer("repr_s2", 1, "RePr: epochs with the dropped filters held at zero.")
 flags.DEFINE_integer("repr_cycles", 3, "RePr: drop/re-initialise cycles.")
 flags.DEFINE_float("repr_prune_ratio", 0.3, "RePr: share of filters dropped per cycle.")
+flags.DEFINE_integer("teacher_depth", 14, "Teacher of kd/cultivate: CIFAR ResNet depth.")
+flags.DEFINE_integer("teacher_width", 8, "Teacher of kd/cultivate: filters of the first stage.")
+flags.DEFINE_string("teacher_dir", os.path.join(_HERE, "results", "teachers"),
+                    "Teachers (.keras), one per config and seed; gitignored.")
+flags.DEFINE_float("kd_temperature", 2.0, "Distillation temperature (kd, cultivate, mutual).")
+flags.DEFINE_float("kd_weight", 1.0, "Distillation weight (kd, cultivate, mutual).")
 flags.DEFINE_string("output", os.path.join(_HERE, "results", "accuracy.jsonl"), "JSON lines, appended.")
 flags.DEFINE_string("backup_root", "/tmp/keras_graft_accuracy_backup",
                     "Per-run checkpoints for resuming a killed run mid-run; '' disables.")
@@ -105,6 +122,9 @@ def _apply_smoke():
             os.remove(FLAGS.output)
     if not FLAGS["backup_root"].present:
         FLAGS.backup_root = ""
+    if not FLAGS["teacher_dir"].present:
+        FLAGS.teacher_dir = "/tmp/keras_graft_accuracy_smoke_teachers"
+        shutil.rmtree(FLAGS.teacher_dir, ignore_errors=True)
 
 
 def _method_spec(method):
@@ -120,7 +140,11 @@ def _method_spec(method):
         "repr": (1, {}, "1 model + RePr"),
         "noise_scion": (1, {}, "1 model + NoiseScion(0.1)"),
         "internal_scion": (1, {}, "1 model + InternalScion(0.1)"),
-        "cultivation": (2, {"grafting": keras_graft.Grafting()}, "2 models grafting + distillation"),
+        "teacher": (1, {}, f"teacher, resnet{FLAGS.teacher_depth}_w{FLAGS.teacher_width}"),
+        "kd": (1, {}, "1 model + distillation from the teacher"),
+        "cultivate": (2, {"grafting": keras_graft.Grafting()}, "2 models, entropy grafting + distillation from "
+                      "the teacher"),
+        "mutual": (2, {"data_order": "shared"}, "2 models, deep mutual learning, shared data order"),
     }
     return specs[method]
 
@@ -191,21 +215,55 @@ class _ScionCallback(keras.callbacks.Callback):
 
 # One run.
 
-def _build_model_fn():
+def _build_model_fn(depth=None, width=None):
     shape = (FLAGS.image_size, FLAGS.image_size, 1)
-    return lambda: models.cifar_resnet(FLAGS.depth, width=FLAGS.width, num_classes=10, input_shape=shape,
+    depth, width = depth or FLAGS.depth, width or FLAGS.width
+    return lambda: models.cifar_resnet(depth, width=width, num_classes=10, input_shape=shape,
                                        weight_decay=FLAGS.weight_decay)
 
 
-def _cultivation_reason():
-    if not hasattr(keras_graft, "Distillation"):
-        return "keras_graft.Distillation does not exist yet (cultivation is being written)"
-    return ("keras_graft.Distillation exists, but this study has no cultivation path wired to it yet (its API "
-            "was not final when the study was written)")
+def _teacher_model_name():
+    return f"resnet{FLAGS.teacher_depth}_w{FLAGS.teacher_width}"
+
+
+def _teacher_path(seed):
+    return os.path.join(FLAGS.teacher_dir, f"{_config_key()}_teacher_{_teacher_model_name()}_seed{seed}.keras")
+
+
+def _distillation(method, seed):
+    """GraftTrainer's ``distillation`` for a method (None for the methods without) and the record's fields."""
+    if method in DISTILLED:
+        path = _teacher_path(seed)
+        info = {"teacher_model": _teacher_model_name(), "teacher_path": os.path.relpath(path, _HERE)}
+        return keras_graft.Distillation(teachers=[path], temperature=FLAGS.kd_temperature,
+                                        weight=FLAGS.kd_weight), info
+    if method == "mutual":
+        return keras_graft.Distillation([], mutual=True, temperature=FLAGS.kd_temperature,
+                                        weight=FLAGS.kd_weight), {}
+    return None, {}
+
+
+def _teacher_accuracy(path, data):
+    teacher = keras.saving.load_model(path, compile=False)
+    correct = total = 0
+    for x, y in data.test:
+        predictions = np.argmax(keras.ops.convert_to_numpy(teacher(x, training=False)), axis=-1)
+        correct += int(np.sum(predictions == np.asarray(y).reshape(-1)))
+        total += len(predictions)
+    return correct / total
 
 
 def _run(method, seed, data, index, total):
     num_models, kwargs, description = _method_spec(method)
+    distillation, extra = _distillation(method, seed)
+    if distillation is not None:
+        kwargs = dict(kwargs, distillation=distillation)
+        extra["distillation"] = {"temperature": distillation.temperature, "weight": distillation.weight,
+                                 "mutual": distillation.mutual}
+        if method in DISTILLED:
+            extra["teacher_accuracy"] = _teacher_accuracy(_teacher_path(seed), data)
+    if method == "teacher":
+        extra["teacher_model"] = _teacher_model_name()
     label = f"[{index}/{total}] {method} seed {seed}"
     backup_dir = None
     if FLAGS.backup_root and method != "repr":
@@ -213,13 +271,14 @@ def _run(method, seed, data, index, total):
     resumed = bool(backup_dir and tf.train.latest_checkpoint(backup_dir))
     logging.info("%s: %s, %d epochs of %d images%s.", label, description, FLAGS.epochs, data.examples,
                  " (resuming from its checkpoint)" if resumed else "")
-    trainer = GraftTrainer(_build_model_fn(), num_models=num_models,
+    model_fn = (_build_model_fn(FLAGS.teacher_depth, FLAGS.teacher_width) if method == "teacher"
+                else _build_model_fn())
+    trainer = GraftTrainer(model_fn, num_models=num_models,
                            optimizer=keras.optimizers.SGD(FLAGS.lr, momentum=0.9),
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
                            lr_schedule="cosine", seed=int(seed), backup_dir=backup_dir, **kwargs)
     progress = _Progress(label, FLAGS.epochs)
     callbacks = []
-    extra = {}
     if method == "repr":
         s1, s2, cycles, unit = FLAGS.repr_s1, FLAGS.repr_s2, FLAGS.repr_cycles, "epoch"
         if FLAGS.smoke:  # One epoch: count steps instead, so that drop, hold and re-initialisation all run.
@@ -265,6 +324,12 @@ def _run(method, seed, data, index, total):
     logging.info("%s: test accuracy %s (ensemble %.4f), invalid filters <0.1 %s <0.01 %s of %d, %.2f s/epoch.",
                  label, [round(a, 4) for a in accuracies], record["ensemble_accuracy"], record["invalid_0.1"],
                  record["invalid_0.01"], record["filters_per_model"], record["seconds_per_epoch_median"] or 0)
+    if method == "teacher":
+        path = _teacher_path(seed)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        trainer.models[0].save(path + ".tmp.keras")
+        os.replace(path + ".tmp.keras", path)  # a kill mid-save leaves no half-written teacher
+        logging.info("%s: teacher saved to %s.", label, path)
     if backup_dir:
         shutil.rmtree(backup_dir, ignore_errors=True)
     keras.backend.clear_session()
@@ -308,15 +373,22 @@ def study():
     model_epochs_done, model_epochs_total = 0, sum(_method_spec(m)[0] for _, m in todo) * FLAGS.epochs
     data_by_seed = {}
     for index, (seed, method) in enumerate(todo, 1):
-        if method == "cultivation":
-            logging.warning("[%d/%d] cultivation seed %d SKIPPED: %s. Nothing written; a later run of the same "
-                            "command runs it once it is available.", index, len(todo), seed, _cultivation_reason())
-            continue
         if seed not in data_by_seed:
             data_by_seed = {seed: _Data(seed)}
+        if method in DISTILLED and not os.path.exists(_teacher_path(seed)):
+            logging.info("[%d/%d] %s seed %d needs its teacher, missing from %s: training it first.", index,
+                         len(todo), method, seed, FLAGS.teacher_dir)
+            teacher_record = _run("teacher", seed, data_by_seed[seed], index, len(todo))
+            if (key, "teacher", seed) not in done:
+                with open(FLAGS.output, "a") as f:
+                    f.write(json.dumps(teacher_record) + "\n")
+                done.add((key, "teacher", seed))
+        if method == "teacher" and (key, "teacher", seed) in done:
+            continue  # trained above for an earlier method of this seed
         record = _run(method, seed, data_by_seed[seed], index, len(todo))
         with open(FLAGS.output, "a") as f:
             f.write(json.dumps(record) + "\n")
+        done.add((key, method, seed))
         model_epochs_done += record["num_models"] * FLAGS.epochs
         elapsed = time.perf_counter() - study_start
         remaining = elapsed / model_epochs_done * (model_epochs_total - model_epochs_done)
@@ -384,6 +456,33 @@ def summarize(records):
     return key, rows
 
 
+# Each distillation method against the same method without distillation (same models, data order and schedule).
+_COUNTERPARTS = (("teacher", "baseline"), ("kd", "baseline"), ("cultivate", "graft2"), ("mutual", "ensemble2"))
+
+
+def _distillation_lines(records, key):
+    by = {(r["method"], r["seed"]): r for r in records if r["config_key"] == key}
+    lines = []
+    for method, other in _COUNTERPARTS:
+        seeds = sorted(s for m, s in by if m == method and (other, s) in by)
+        if not seeds:
+            continue
+        diffs = [by[(method, s)]["mean_accuracy"] - by[(other, s)]["mean_accuracy"] for s in seeds]
+        per_seed = ", ".join(f"{100 * d:+.2f}" for d in diffs)
+        text = f"- {method} vs {other}: {_fmt(*_mean_std(diffs))} points over seeds {seeds} ({per_seed})"
+        if method == "mutual":
+            ens = [by[(method, s)]["ensemble_accuracy"] - by[(other, s)]["ensemble_accuracy"] for s in seeds]
+            text += f"; ensemble {_fmt(*_mean_std(ens))} points"
+        teacher = [by[(method, s)]["teacher_accuracy"] for s in seeds if "teacher_accuracy" in by[(method, s)]]
+        if teacher:
+            text += f"; its teachers' test accuracy {_fmt(*_mean_std(teacher))} %"
+        lines.append(text)
+    if lines:
+        lines = ["", "Distillation, paired by seed against the same method without it (test accuracy per model, "
+                 "points):", ""] + lines
+    return lines
+
+
 def report():
     records = _load_records(FLAGS.output)
     if not records:
@@ -423,6 +522,7 @@ def report():
             if row["paired"] and row["paired"][0] is not None:
                 paired = f"; paired by seed {_fmt(*row['paired'])} points"
             lines.append(f"- {row['method']}: {100 * diff:+.2f} points ({sigma:+.2f} baseline std){paired}{ens}")
+    lines += _distillation_lines(records, key)
     text = "\n".join(lines) + "\n"
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.report_md)), exist_ok=True)
     with open(FLAGS.report_md, "w") as f:
