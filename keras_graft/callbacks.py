@@ -12,16 +12,23 @@ from keras_graft import peers as peers_lib
 
 
 class Grafting(keras.callbacks.Callback):
-    """Grafts peers' weights into the model at the end of every ``every_n_epochs``-th epoch.
+    """Grafts peers' weights into the model after every ``every_n_epochs``-th epoch.
 
     ``model.fit(x, y, callbacks=[Grafting(peers=[other_model])])``. ``peers`` is a Keras model, a list of models
     (grafted one after another), or a :class:`keras_graft.peers.PeerSource` such as
     :class:`keras_graft.SharedDirectory` for peers in other processes or hosts. Inside
     :class:`keras_graft.GraftTrainer` leave ``peers`` as None: the trainer's models graft in a ring.
 
-    Adds to ``logs``: ``graft_alpha`` (mean coefficient of the model's own weights), ``graft_layers`` (groups
-    grafted) and ``graft_skipped_layers`` (groups whose peer weights were not finite). Put it before CSVLogger or
-    TensorBoard in the callback list so they record these values.
+    When the graft happens (the reference protocol, fxmeng/filter-grafting: train -> test -> save -> graft): the
+    round after epoch e runs when epoch e + 1 begins, so epoch e's validation, ``ModelCheckpoint``,
+    ``EarlyStopping(restore_best_weights=True)`` and ``BackupAndRestore`` all see the weights *before* the graft,
+    and a resumed run grafts exactly once. No round follows the final epoch (or an early stop) unless
+    ``final_graft=True``: the weights ``fit`` returns are the ones last validated.
+
+    Adds to ``logs`` every epoch, describing the round that opened it (alpha 1 and 0 layers when none did):
+    ``graft_alpha`` (mean coefficient of the model's own weights), ``graft_layers`` (groups grafted) and
+    ``graft_skipped_layers`` (groups whose peer weights were not finite). Put it before CSVLogger or TensorBoard
+    in the callback list so they record these values.
 
     Args:
       peers: see above.
@@ -30,13 +37,14 @@ class Grafting(keras.callbacks.Callback):
       level: "layer" or "filter".
       every_n_epochs: graft after epochs n, 2n, ... (1-based).
       layers: only graft these layer names (or the layers where this callable is true).
+      final_graft: also graft after the final epoch (the weights returned are then grafted, not validated).
       model: the model to graft, when it is not the one being fit: e.g. ``distiller.student`` when fitting a
         ``keras.distillation.Distiller``. Default: the callback's model.
       verbose: 1 logs each round's mean alpha.
     """
 
     def __init__(self, peers=None, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
-                 model=None, verbose=0):
+                 final_graft=False, model=None, verbose=0):
         super().__init__()
         grafting.validate_hyperparameters(a, c, level)
         if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
@@ -48,6 +56,7 @@ class Grafting(keras.callbacks.Callback):
         self.level = level
         self.every_n_epochs = int(every_n_epochs)
         self.layers = layers
+        self.final_graft = bool(final_graft)
         self.target = model
         self.verbose = verbose
         self._grafter = None
@@ -60,6 +69,7 @@ class Grafting(keras.callbacks.Callback):
             "level": self.level,
             "every_n_epochs": self.every_n_epochs,
             "layers": self.layers if not callable(self.layers) else None,
+            "final_graft": self.final_graft,
             "verbose": self.verbose,
         }
 
@@ -75,19 +85,38 @@ class Grafting(keras.callbacks.Callback):
         return self._grafter
 
     def on_train_begin(self, logs=None):
+        if self.peers is None:
+            raise ValueError("Grafting has no peers: pass peers=[model, ...] or a PeerSource (peers=None is only "
+                             "for GraftTrainer, whose models graft in a ring).")
         target = self.target if self.target is not None else self.model
         if target.built and target.weights:
             self.grafter()
 
+    def round_due(self, epoch):
+        """Whether a round follows (0-based) epoch ``epoch``: after epochs n, 2n, ..."""
+        return (epoch + 1) % self.every_n_epochs == 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._round_logs = self.peers.idle_logs()
+        self._last_epoch = epoch
+        if epoch > 0 and self.round_due(epoch - 1):
+            self._round_logs = self._run_round(epoch - 1)
+
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every_n_epochs:
-            return
-        results = self.peers.graft_round(self.grafter(), epoch)
-        graft_logs = merge_logs(results)
         if logs is not None:
-            logs.update(graft_logs)
+            logs.update(self._round_logs)
+
+    def on_train_end(self, logs=None):
+        last = getattr(self, "_last_epoch", None)
+        if self.final_graft and last is not None and self.round_due(last):
+            self._run_round(last)
+
+    def _run_round(self, round_index):
+        """Grafts the round that follows epoch ``round_index``; returns its logs."""
+        graft_logs = merge_logs(self.peers.graft_round(self.grafter(), round_index))
         if self.verbose:
-            logging.info("Epoch %d: grafted %s", epoch + 1, graft_logs)
+            logging.info("Round after epoch %d: grafted %s", round_index + 1, graft_logs)
+        return graft_logs
 
 
 def merge_logs(results):

@@ -43,6 +43,7 @@ import gzip
 import logging
 import math
 import os
+import re
 import threading
 import zlib
 from typing import Callable, Optional, Sequence, Tuple, Union
@@ -441,10 +442,23 @@ def _tfds_stream(name: str, split: str, data_dir: Optional[str], download: bool)
         raise DatasetUnavailableError(_tfds_missing_message(name, data_dir)) from e
 
 
-def _local_split(split: str) -> str:
-    if split not in _FASHION_MNIST_FILES:
-        raise ValueError(f"Local Fashion-MNIST files have splits 'train' and 'test', not {split!r}.")
-    return split
+def _local_split(split: str) -> Tuple[str, slice]:
+    """("train" | "test", example slice) from "train", "test" or a slice of examples such as "train[55000:]"."""
+    match = re.fullmatch(r"(\w+)(?:\[(\d*):(\d*)\])?", split)
+    if match is None or match.group(1) not in _FASHION_MNIST_FILES:
+        raise ValueError(f"Local Fashion-MNIST files have splits 'train' and 'test' (or slices of examples such as "
+                         f"'train[:55000]'), not {split!r}.")
+    start, stop = (int(bound) if bound else None for bound in match.group(2, 3))
+    return match.group(1), slice(start, stop)
+
+
+def _read_local(folder: str, split: str) -> Tuple[np.ndarray, np.ndarray]:
+    name, examples = _local_split(split)
+    x, y = _read_split(folder, name)
+    x, y = x[examples], y[examples]
+    if not len(x):
+        raise ValueError(f"Fashion-MNIST split {split!r} selects no examples.")
+    return x, y
 
 
 def _arrays_from_stream(ds: tf.data.Dataset) -> Tuple[np.ndarray, np.ndarray]:
@@ -470,7 +484,7 @@ def _make_source(name, split, data_dir, subset, cache, download) -> _Source:
     if subset is not None and subset < 1:
         raise ValueError(f"subset must be a positive number of examples, got {subset}.")
     if name == "fashion_mnist_local":
-        x, y = _read_split(_fashion_mnist_dir(data_dir), _local_split(split))
+        x, y = _read_local(_fashion_mnist_dir(data_dir), split)
         return _to_source(x, y, subset)
     try:
         stream = _tfds_stream(name, split, data_dir, download)
@@ -482,7 +496,7 @@ def _make_source(name, split, data_dir, subset, cache, download) -> _Source:
         except DatasetUnavailableError:
             raise e from None
         _log.info("fashion_mnist: tensorflow-datasets data not prepared; reading the IDX files in %s", folder)
-        x, y = _read_split(folder, _local_split(split))
+        x, y = _read_local(folder, split)
         return _to_source(x, y, subset)
     if subset is not None:
         stream = stream.take(subset)
@@ -611,7 +625,7 @@ def load(
     Args:
       name: one of :data:`NAMES`.
       split: "train" or "test" (ImageNet: "test" means "validation"); tfds slicing such as "train[:90%]" works
-        for the tfds datasets.
+        for the tfds datasets, and slices of examples such as "train[55000:]" for the local Fashion-MNIST files.
       batch_size: examples per batch (global; per replica when `input_context` is given).
       training: shuffle (and, by default, augment); defaults to ``split`` being the training split.
       shuffle_seed: seed of the shuffle and of the augmentation: a fixed seed gives the same sequence of epochs

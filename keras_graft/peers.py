@@ -18,6 +18,10 @@ class PeerSource(abc.ABC):
     def setup(self, model):
         """Checks the peers against ``model`` before any weight changes. Default: nothing to check."""
 
+    def idle_logs(self):
+        """The logs of an epoch without a round: the keys ``graft_round``'s results log, at their neutral values."""
+        return {"graft_alpha": 1.0, "graft_layers": 0, "graft_skipped_layers": 0}
+
     @abc.abstractmethod
     def graft_round(self, grafter, round_index):
         """Grafts the peers' weights of round ``round_index`` into ``grafter.model``; returns GraftResults."""

@@ -61,24 +61,41 @@ class CosineAnnealing(keras.optimizers.schedules.LearningRateSchedule):
 
 @keras.saving.register_keras_serializable(package="keras_graft")
 class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
-    """lr_t = lr_0 * factor ** floor(t / (every_epochs * steps_per_epoch)) (torch's StepLR, counted in steps).
+    """lr_t = lr_0 * factor ** floor(t / (every_epochs * steps_per_epoch)) (torch's StepLR, counted in steps), or
+    lr_0 * factor ** #{m in milestones : m * steps_per_epoch <= t} (torch's MultiStepLR) with ``milestones``.
 
     The papers' CIFAR protocol divides the rate by 10 every 60 epochs: ``StepDecay(0.1, 60, steps_per_epoch)``.
+    A shortened protocol with phases of unequal length: ``StepDecay(0.1, None, steps, milestones=[11, 15])``.
     """
 
-    def __init__(self, initial_learning_rate, every_epochs, steps_per_epoch, factor=0.1):
-        if int(every_epochs) != every_epochs or every_epochs < 1:
+    def __init__(self, initial_learning_rate, every_epochs=None, steps_per_epoch=1, factor=0.1, milestones=None):
+        if (every_epochs is None) == (milestones is None):
+            raise ValueError("StepDecay needs exactly one of every_epochs and milestones, got "
+                             f"every_epochs={every_epochs!r}, milestones={milestones!r}.")
+        if every_epochs is not None and (int(every_epochs) != every_epochs or every_epochs < 1):
             raise ValueError(f"StepDecay every_epochs must be a positive integer, got {every_epochs!r}.")
+        if milestones is not None:
+            milestones = list(milestones)
+            if not milestones or any(int(m) != m or m < 1 for m in milestones) or milestones != sorted(milestones):
+                raise ValueError(f"StepDecay milestones must be increasing positive epochs, got {milestones!r}.")
+            milestones = [int(m) for m in milestones]
         if factor <= 0:
             raise ValueError(f"StepDecay factor must be > 0, got {factor}.")
         self.initial_learning_rate = float(initial_learning_rate)
-        self.every_epochs = int(every_epochs)
+        self.every_epochs = None if every_epochs is None else int(every_epochs)
+        self.milestones = milestones
         self.steps_per_epoch = steps_per_epoch
         self.factor = float(factor)
 
     def __call__(self, step):
-        period = tf.maximum(tf.cast(self.every_epochs * self.steps_per_epoch, tf.int64), 1)
-        drops = tf.cast(tf.cast(step, tf.int64) // period, tf.float32)
+        step = tf.cast(step, tf.int64)
+        steps_per_epoch = tf.cast(self.steps_per_epoch, tf.int64)
+        if self.milestones is None:
+            period = tf.maximum(self.every_epochs * steps_per_epoch, 1)
+            drops = tf.cast(step // period, tf.float32)
+        else:
+            boundaries = tf.constant(self.milestones, tf.int64) * steps_per_epoch
+            drops = tf.reduce_sum(tf.cast(boundaries <= step, tf.float32))
         return self.initial_learning_rate * tf.pow(self.factor, drops)
 
     def get_config(self):
@@ -87,6 +104,7 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
             "every_epochs": self.every_epochs,
             "steps_per_epoch": _as_int(self.steps_per_epoch),
             "factor": self.factor,
+            "milestones": self.milestones,
         }
 
 
@@ -97,7 +115,8 @@ def schedule_factory(spec, epochs, steps_per_epoch):
     """A function initial_learning_rate -> LearningRateSchedule from a trainer's ``lr_schedule`` argument.
 
     ``spec`` is None (constant rate), "cosine" (anneal over the whole ``fit``), "step" (x0.1 every 60 epochs), a
-    dict such as ``{"name": "step", "every_epochs": 30, "factor": 0.2}`` or ``{"name": "cosine", "alpha": 0.01}``,
+    dict such as ``{"name": "step", "every_epochs": 30, "factor": 0.2}``, ``{"name": "step", "milestones": [11,
+    15]}`` or ``{"name": "cosine", "alpha": 0.01}``,
     or a callable taking the initial learning rate and returning a schedule.
     """
     if spec is None:
@@ -113,6 +132,7 @@ def schedule_factory(spec, epochs, steps_per_epoch):
     if spec["name"] == "cosine":
         CosineAnnealing(1.0, 1, 1, **options)  # Validates the options now rather than at the first fit.
         return lambda lr: CosineAnnealing(lr, epochs, steps_per_epoch, **options)
-    options.setdefault("every_epochs", 60)
+    if "milestones" not in options:
+        options.setdefault("every_epochs", 60)
     StepDecay(1.0, steps_per_epoch=1, **options)
     return lambda lr: StepDecay(lr, steps_per_epoch=steps_per_epoch, **options)

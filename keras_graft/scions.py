@@ -115,6 +115,9 @@ class Scion(peers.PeerSource):
     def graft_round(self, grafter, round_index):
         return [self.apply(grafter.model, round_index)]
 
+    def idle_logs(self):
+        return {**super().idle_logs(), "scion_filters": 0}
+
     def apply(self, model, round_index):
         """Grafts round ``round_index`` (the epoch, 0-based) into ``model``'s invalid filters; a ScionResult.
 

@@ -242,7 +242,7 @@ class GraftTrainer:
       loss: a Keras loss (object or identifier).
       metrics: metric names or objects, tracked per model and for the ensemble ("accuracy" as in ``compile``).
       grafting: a ``keras_graft.Grafting`` callback used for its settings (criterion, a, c, level,
-        every_n_epochs, layers) or a dict of them; None trains N independent models (the fair baseline).
+        every_n_epochs, layers, final_graft) or a dict of them; None trains N independent models (the fair baseline).
       strategy: a tf.distribute strategy or "default" | "mirrored" | "multi_worker"; None: the current one.
       lr_spread: give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2.
       lr_schedule: None, "cosine", "step", a dict (``{"name": "step", "every_epochs": 60, "factor": 0.1}``) or a
@@ -255,16 +255,22 @@ class GraftTrainer:
         Teachers run inside the same compiled step, once per batch with ``data_order="shared"`` (which the mutual
         option needs, so that students compare predictions on the same images), otherwise once per model's batch.
         Logs then carry ``task_loss_k`` and ``distill_loss_k``.
+      steps_per_execution: training steps per compiled call (as in Keras' ``compile``): fewer Python round trips
+        for small models; batch callbacks then run once per call.
     """
 
     def __init__(self, model_fn, num_models=2, optimizer="sgd", loss=None, metrics=None, grafting=None,
                  strategy=None, lr_spread=False, lr_schedule=None, data_order="per_model", seed=None,
-                 backup_dir=None, distillation=None):
+                 backup_dir=None, distillation=None, steps_per_execution=1):
         if isinstance(num_models, bool) or int(num_models) != num_models or num_models < 1:
             raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}.")
         if data_order not in DATA_ORDERS:
             raise ValueError(f"data_order must be one of {list(DATA_ORDERS)}, got {data_order!r}.")
         self.num_models = int(num_models)
+        if isinstance(steps_per_execution, bool) or int(steps_per_execution) != steps_per_execution or \
+                steps_per_execution < 1:
+            raise ValueError(f"steps_per_execution must be an integer >= 1, got {steps_per_execution!r}.")
+        self.steps_per_execution = int(steps_per_execution)
         self.grafting = _grafting_settings(grafting)
         if self.grafting is not None and self.num_models < 2:
             raise ValueError("Grafting needs at least 2 models; use grafting=None for a single model.")
@@ -289,6 +295,9 @@ class GraftTrainer:
             self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
             self._schedule_epochs = tf.Variable(1, dtype=tf.int64, trainable=False, name="schedule_epochs")
             self._steps_per_epoch = tf.Variable(1, dtype=tf.int64, trainable=False, name="steps_per_epoch")
+            # Which models ended the last epoch with a finite loss: the next round (which opens the next epoch,
+            # possibly after a resume) does not mix the others into their peers.
+            self._healthy = tf.Variable([True] * self.num_models, trainable=False, name="healthy_models")
             self._schedule = schedules_lib.schedule_factory(lr_schedule, self._schedule_epochs, self._steps_per_epoch)
             self.optimizers = self._build_optimizers(optimizer)
             for model, opt in zip(self.models, self.optimizers):
@@ -307,7 +316,7 @@ class GraftTrainer:
         self._backup = None
         if backup_dir is not None:
             checkpoint = tf.train.Checkpoint(models=self.models, optimizers=self.optimizers, epoch=self._epoch,
-                                             data_seed=self._data_seed)
+                                             data_seed=self._data_seed, healthy_models=self._healthy)
             self._backup = _Backup(backup_dir, checkpoint, self.strategy)
         self._trackers = None
         self._train_function = None
@@ -548,8 +557,9 @@ class GraftTrainer:
 
     def _make_train_function(self):
         @tf.function
-        def train_function(iterator):
-            self.strategy.run(self._replica_train_step, args=(next(iterator),))
+        def train_function(iterator, steps):
+            for _ in tf.range(steps):
+                self.strategy.run(self._replica_train_step, args=(next(iterator),))
             return self._train_logs()
 
         return train_function
@@ -639,8 +649,13 @@ class GraftTrainer:
         per model, mean and ensemble (``val_loss_0``, ``val_accuracy``, ``val_accuracy_ensemble``), learning rates
         (``learning_rate_0``), ``nonfinite_models`` (models whose epoch loss is NaN or Inf; they are not grafted
         into their peers) and, with grafting on, ``graft_alpha_k``, ``graft_layers_k``, ``graft_skipped_layers_k``
-        and their merge ``graft_alpha``, ``graft_layers``, ``graft_skipped_layers`` (alpha 1 in epochs without a
-        graft).
+        and their merge ``graft_alpha``, ``graft_layers``, ``graft_skipped_layers``.
+
+        Rounds follow the reference protocol (train -> validate -> save -> graft): the round after epoch e opens
+        epoch e + 1, so ``val_*``, the backup and the callbacks of epoch e see the weights before it, and epoch
+        e + 1's ``graft_*`` logs describe it (alpha 1 and 0 layers in epochs that no round opened). No round
+        follows the final epoch unless ``Grafting(final_graft=True)``: the models returned are the ones last
+        validated.
         """
         if int(epochs) != epochs or epochs < 0:
             raise ValueError(f"epochs must be a non-negative integer, got {epochs!r}.")
@@ -667,10 +682,14 @@ class GraftTrainer:
         self.ensemble.stop_training = False
         callback_list.on_train_begin()
         epoch_logs = {}
+        last_epoch = None
         for epoch in range(start, int(epochs)):
             epoch_logs = self._run_epoch(epoch, pipelines, steps, validation, callback_list)
+            last_epoch = epoch
             if self.ensemble.stop_training:
                 break
+        if last_epoch is not None and self.grafting is not None and self.grafting.final_graft:
+            self._graft(last_epoch)
         callback_list.on_train_end(logs=epoch_logs)
         return self.ensemble.history
 
@@ -690,17 +709,20 @@ class GraftTrainer:
     def _run_epoch(self, epoch, pipelines, steps, validation, callback_list):
         for tracker in self._trackers:
             tracker.reset()
+        graft_logs = self._graft(epoch - 1) if epoch > 0 else self._idle_graft_logs()
         callback_list.on_epoch_begin(epoch)
         iterator = self._epoch_iterator(pipelines, epoch)
         step = 0
         while steps is None or step < steps:
+            # Unknown steps (data that decide): one step per call, so the end of the data ends the epoch exactly.
+            chunk = 1 if steps is None else min(self.steps_per_execution, steps - step)
             callback_list.on_train_batch_begin(step)
             try:
-                logs = self._train_function(iterator)
+                logs = self._train_function(iterator, tf.constant(chunk))
             except (tf.errors.OutOfRangeError, StopIteration):
                 break
-            callback_list.on_train_batch_end(step, logs)
-            step += 1
+            step += chunk
+            callback_list.on_train_batch_end(step - 1, logs)
             if self.ensemble.stop_training:
                 break
         logs = {name: value for name, value in self._results().items() if not name.endswith("_ensemble")}
@@ -709,8 +731,9 @@ class GraftTrainer:
         if not all(healthy):
             logging.warning("Epoch %d: models %s have a non-finite loss; they are not grafted into their peers.",
                             epoch + 1, [k for k, ok in enumerate(healthy) if not ok])
+        self._healthy.assign(healthy)
         self._sync_replicas()
-        logs.update(self._graft(epoch, healthy))
+        logs.update(graft_logs)
         if validation is not None:
             logs.update({f"val_{name}": value for name, value in self._evaluate(validation, callback_list).items()})
         for k, optimizer in enumerate(self.optimizers):
@@ -721,15 +744,20 @@ class GraftTrainer:
         callback_list.on_epoch_end(epoch, logs)
         return logs
 
-    def _graft(self, epoch, healthy):
+    def _idle_graft_logs(self):
+        """Graft logs of an epoch that no round opened (none without grafting)."""
         if self._ring is None:
             return {}
-        if (epoch + 1) % self.grafting.every_n_epochs:
-            logs = {f"graft_{key}_{k}": value for k in range(self.num_models)
-                    for key, value in (("alpha", 1.0), ("layers", 0), ("skipped_layers", 0))}
-            return {**logs, "graft_alpha": 1.0, "graft_layers": 0, "graft_skipped_layers": 0}
+        idle = {"alpha": 1.0, "layers": 0, "skipped_layers": 0}
+        logs = {f"graft_{key}_{k}": value for k in range(self.num_models) for key, value in idle.items()}
+        return {**logs, **{f"graft_{key}": value for key, value in idle.items()}}
+
+    def _graft(self, finished_epoch):
+        """The round after (0-based) ``finished_epoch``, when one is due; returns its logs."""
+        if self._ring is None or not self.grafting.round_due(finished_epoch):
+            return self._idle_graft_logs()
         with self.strategy.scope():
-            results = self._ring(healthy)
+            results = self._ring(self._healthy.numpy().tolist())
         logs = callbacks_lib.merge_logs(results)
         for k, result in enumerate(results):
             logs.update({f"{key}_{k}": value for key, value in result.logs().items()})

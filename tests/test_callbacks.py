@@ -20,14 +20,17 @@ def data(n=32, seed=0):
 
 
 class Snapshot(keras.callbacks.Callback):
-    """Records the model's weights at each epoch end (placed before Grafting, so before the graft)."""
+    """Records the model's weights at each epoch's begin and end (placed after Grafting: after its round)."""
 
     def __init__(self):
         super().__init__()
-        self.weights = []
+        self.begin, self.end = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begin.append([w.numpy() for w in self.model.weights])
 
     def on_epoch_end(self, epoch, logs=None):
-        self.weights.append([w.numpy() for w in self.model.weights])
+        self.end.append([w.numpy() for w in self.model.weights])
 
 
 def compiled(model):
@@ -36,38 +39,89 @@ def compiled(model):
     return model
 
 
+class StopAfter(keras.callbacks.Callback):
+    """Interrupts fit after epoch ``epoch`` has ended (and been backed up), as a kill would."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
 class GraftingCallbackTest(tf.test.TestCase):
 
-    def test_fit_grafts_peer_at_each_epoch_end(self):
+    def grafted_head(self, own, peer):
+        alpha = np_alpha(np_entropy(own), np_entropy(peer))
+        return alpha, alpha * own + (1 - alpha) * peer
+
+    def test_round_after_each_epoch_opens_the_next(self):
         model, peer = compiled(small_net(1)), small_net(2)
         snapshot = Snapshot()
         csv_path = os.path.join(self.get_temp_dir(), "log.csv")
-        history = model.fit(*data(), batch_size=8, epochs=2, verbose=0,
-                            callbacks=[snapshot, keras_graft.Grafting(peers=[peer]), keras.callbacks.CSVLogger(csv_path)])
+        history = model.fit(*data(), batch_size=8, epochs=3, verbose=0,
+                            callbacks=[keras_graft.Grafting(peers=[peer]), snapshot,
+                                       keras.callbacks.CSVLogger(csv_path)])
         theirs = peer.get_layer("head").kernel.numpy()
         head = [w.path for w in model.weights].index("head/kernel")
-        alphas = []
-        for epoch in range(2):
-            own = snapshot.weights[epoch][head]
-            alpha = np_alpha(np_entropy(own), np_entropy(theirs))
-            alphas.append(alpha)
-            grafted = alpha * own + (1 - alpha) * theirs
-            if epoch == 1:
-                self.assertAllClose(model.get_layer("head").kernel.numpy(), grafted, rtol=1e-5)
-        for key in ("graft_alpha", "graft_layers", "graft_skipped_layers", "loss", "accuracy"):
-            self.assertLen(history.history[key], 2)
-        self.assertEqual(history.history["graft_layers"], [3, 3])
+        for epoch in (1, 2):  # The round after epoch e - 1 runs as epoch e begins, on the weights it ended with.
+            _, grafted = self.grafted_head(snapshot.end[epoch - 1][head], theirs)
+            self.assertAllClose(snapshot.begin[epoch][head], grafted, rtol=1e-5)
+        # No round after the final epoch: fit returns the weights its last epoch validated and logged.
+        self.assertAllEqual(model.get_layer("head").kernel.numpy(), snapshot.end[2][head])
+        self.assertEqual(history.history["graft_alpha"][0], 1.0)  # No round opened the first epoch.
+        self.assertNotIn(1.0, history.history["graft_alpha"][1:])
+        self.assertEqual(history.history["graft_layers"], [0, 3, 3])
         with open(csv_path) as handle:
             rows = list(csv.DictReader(handle))
-        self.assertIn("graft_alpha", rows[0])
         self.assertAllClose([float(r["graft_alpha"]) for r in rows], history.history["graft_alpha"])
+
+    def test_final_graft_keeps_the_old_behaviour(self):
+        model, peer = compiled(small_net(1)), small_net(2)
+        snapshot = Snapshot()
+        model.fit(*data(), batch_size=8, epochs=2, verbose=0,
+                  callbacks=[keras_graft.Grafting(peer, final_graft=True), snapshot])
+        head = [w.path for w in model.weights].index("head/kernel")
+        _, grafted = self.grafted_head(snapshot.end[1][head], peer.get_layer("head").kernel.numpy())
+        self.assertAllClose(model.get_layer("head").kernel.numpy(), grafted, rtol=1e-5)
+
+    def test_last_logged_validation_is_what_fit_returns(self):
+        model, peer = compiled(small_net(1)), small_net(2)
+        x, y = data()
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, validation_data=(x, y),
+                            callbacks=[keras_graft.Grafting(peer)])
+        loss, accuracy = model.evaluate(x, y, verbose=0)
+        self.assertAllClose(history.history["val_loss"][-1], loss, rtol=1e-5)
+        self.assertAllClose(history.history["val_accuracy"][-1], accuracy)
+
+    def test_resume_grafts_the_pending_round_once(self):
+        x, y = data()
+        backup = os.path.join(self.get_temp_dir(), "backup")
+
+        def run(epochs, stop_after=None):
+            keras.utils.set_random_seed(3)
+            model, peer = compiled(small_net(1)), small_net(2)
+            callbacks = [keras_graft.Grafting(peer), keras.callbacks.BackupAndRestore(backup)]
+            if stop_after is not None:
+                callbacks.append(StopAfter(stop_after))
+            model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, shuffle=False, callbacks=callbacks)
+            return model
+
+        uninterrupted = [w.numpy() for w in run(3).weights]
+        with self.assertRaises(KeyboardInterrupt):
+            run(3, stop_after=1)
+        resumed = [w.numpy() for w in run(3).weights]
+        for a, b in zip(uninterrupted, resumed):
+            self.assertAllClose(a, b, rtol=1e-6, atol=1e-7)
 
     def test_every_n_epochs(self):
         model, peer = compiled(small_net(1)), small_net(2)
         history = model.fit(*data(), batch_size=8, epochs=4, verbose=0,
                             callbacks=[keras_graft.Grafting(peer, every_n_epochs=2)])
-        # Keras History fills keys from the first epoch that reports them.
-        self.assertLen(history.history["graft_alpha"], 2)
+        # The round after epoch 2 opens epoch 3; none follows epoch 4, the last.
+        self.assertEqual(history.history["graft_layers"], [0, 0, 3, 0])
 
     def test_bad_input_before_training(self):
         model = compiled(small_net(1))
@@ -99,8 +153,8 @@ class GraftingCallbackTest(tf.test.TestCase):
     def test_nan_peer_is_counted_in_logs(self):
         model, peer = compiled(small_net(1)), small_net(2)
         peer.get_layer("head").bias.assign(np.full((3,), np.nan, np.float32))
-        history = model.fit(*data(), batch_size=8, epochs=1, verbose=0, callbacks=[keras_graft.Grafting(peer)])
-        self.assertEqual(history.history["graft_skipped_layers"], [1])
+        history = model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[keras_graft.Grafting(peer)])
+        self.assertEqual(history.history["graft_skipped_layers"], [0, 1])
         self.assertTrue(all(np.isfinite(w).all() for w in model.get_weights()))
 
 

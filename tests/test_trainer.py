@@ -71,8 +71,20 @@ class LearningRateTest(tf.test.TestCase, parameterized.TestCase):
         t = np.arange(0, 20)
         self.assertAllClose([float(schedule(s)) for s in t], 0.1 * 0.5 ** (t // 6), atol=1e-7)
 
+    def test_milestone_decay_matches_numpy(self):
+        schedule = schedules.StepDecay(0.1, None, steps_per_epoch=3, factor=0.1, milestones=[2, 5])
+        t = np.arange(0, 21)
+        expected = 0.1 * 0.1 ** ((t >= 6).astype(int) + (t >= 15).astype(int))
+        self.assertAllClose([float(schedule(s)) for s in t], expected, atol=1e-9)
+        factory = schedules.schedule_factory({"name": "step", "milestones": [2, 5]}, 10, 3)
+        self.assertAllClose(float(factory(0.1)(14)), 0.01)
+        for kwargs in ({"every_epochs": 2, "milestones": [3]}, {"milestones": [3, 2]}, {"milestones": []}):
+            with self.assertRaisesRegex(ValueError, "StepDecay"):
+                schedules.StepDecay(0.1, steps_per_epoch=3, **{"every_epochs": None, **kwargs})
+
     def test_schedules_round_trip_config(self):
-        for schedule in (schedules.CosineAnnealing(0.1, 3, 4), schedules.StepDecay(0.1, 2, 3)):
+        for schedule in (schedules.CosineAnnealing(0.1, 3, 4), schedules.StepDecay(0.1, 2, 3),
+                         schedules.StepDecay(0.1, None, 3, milestones=[2, 5])):
             clone = schedule.__class__.from_config(schedule.get_config())
             self.assertAllClose(float(clone(7)), float(schedule(7)))
 
@@ -129,21 +141,50 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         differences = []
 
         class Record(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
+            def on_epoch_begin(self, epoch, logs=None):
                 peers = self.model.peers
                 differences.append(max_difference(peers[0].get_weights(), peers[1].get_weights()))
 
         trainer = make_trainer(2, grafting=Grafting(every_n_epochs=2), lr_spread=True,
                                model_fn=lambda: build_model(batch_norm=True))
         history = trainer.fit((x, y), epochs=4, batch_size=8, verbose=0, callbacks=[Record()])
+        # The round after epoch 2 opens epoch 3; no round follows the final epoch 4.
         self.assertGreater(differences[0], 1e-3)
-        self.assertGreater(differences[2], 1e-3)
-        self.assertLess(differences[1], 1e-6)
-        self.assertLess(differences[3], 1e-6)
-        self.assertEqual(history.history["graft_layers"], [0, 4, 0, 4])
-        self.assertEqual(history.history["graft_alpha_0"][0], 1.0)
-        alphas = [history.history[f"graft_alpha_{k}"][1] for k in range(2)]
+        self.assertGreater(differences[1], 1e-3)
+        self.assertLess(differences[2], 1e-6)
+        self.assertGreater(differences[3], 1e-3)
+        self.assertGreater(max_difference(trainer.models[0].get_weights(), trainer.models[1].get_weights()), 1e-3)
+        self.assertEqual(history.history["graft_layers"], [0, 0, 4, 0])
+        self.assertEqual(history.history["graft_alpha_0"][1], 1.0)
+        alphas = [history.history[f"graft_alpha_{k}"][2] for k in range(2)]
         self.assertAllClose(sum(alphas), 1.0, atol=1e-6)  # arctan is odd: alpha_0 + alpha_1 = 1 for N = 2.
+
+    def test_last_logged_validation_is_what_fit_returns(self):
+        x, y = tiny_data(32)
+        trainer = make_trainer(2, grafting=Grafting())
+        history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0, validation_data=(x, y))
+        results = trainer.evaluate((x, y), batch_size=8)
+        for key in ("loss_0", "accuracy_1", "accuracy_ensemble"):
+            self.assertAllClose(history.history[f"val_{key}"][-1], results[key], rtol=1e-6)
+
+    def test_final_graft_keeps_the_old_behaviour(self):
+        x, y = tiny_data(32)
+        trainer = make_trainer(2, grafting=Grafting(final_graft=True))
+        trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
+        self.assertLess(max_difference(trainer.models[0].get_weights(), trainer.models[1].get_weights()), 1e-6)
+
+    def test_steps_per_execution_gives_the_same_run(self):
+        x, y = tiny_data(40)
+        runs = []
+        for steps_per_execution in (1, 2):
+            trainer = make_trainer(2, grafting=Grafting(), steps_per_execution=steps_per_execution)
+            history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)  # 5 steps: calls of 2, 2 and 1.
+            runs.append((trainer.ensemble.get_weights(), history.history["loss"]))
+            self.assertEqual(int(trainer.optimizers[0].iterations.numpy()), 10)
+        self.assertLess(max_difference(runs[0][0], runs[1][0]), 1e-6)
+        self.assertAllClose(runs[0][1], runs[1][1], rtol=1e-6)
+        with self.assertRaisesRegex(ValueError, "steps_per_execution"):
+            make_trainer(2, steps_per_execution=0)
 
     def test_without_grafting_models_differ(self):
         x, y = tiny_data(32)
@@ -155,8 +196,8 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
     def test_ring_of_four(self):
         x, y = tiny_data(32)
         trainer = make_trainer(4, grafting={"a": 0.4, "c": 500.0}, lr_spread=True)
-        history = trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
-        self.assertEqual(history.history["graft_layers"], [8])
+        history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        self.assertEqual(history.history["graft_layers"], [0, 8])
         for k in range(4):
             self.assertIn(f"graft_alpha_{k}", history.history)
 
@@ -271,8 +312,9 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         history = trainer.fit(dataset_fn, epochs=3, verbose=0)
         self.assertEqual(history.history["nonfinite_models"], [0, 1, 1])
         self.assertTrue(math.isnan(history.history["loss_1"][1]))
-        self.assertGreater(history.history["graft_skipped_layers_0"][1], 0)  # Model 0 takes from model 1.
-        self.assertEqual(history.history["graft_skipped_layers_1"][1], 0)
+        # The round after epoch 2 (which opens epoch 3): model 0 does not take from model 1.
+        self.assertGreater(history.history["graft_skipped_layers_0"][2], 0)
+        self.assertEqual(history.history["graft_skipped_layers_1"][2], 0)
         for weight in trainer.models[0].get_weights():
             self.assertTrue(np.all(np.isfinite(weight)))
 
