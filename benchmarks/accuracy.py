@@ -1,47 +1,38 @@
-"""Accuracy study on real Fashion-MNIST: baseline, grafting variants, ensemble, RePr, scions, distillation.
+"""Accuracy study on real Fashion-MNIST, under the reference protocol of filter grafting.
 
-    python benchmarks/accuracy.py                 # the study: every method x every seed, appends JSON lines
-    python benchmarks/accuracy.py --smoke         # every method path once on a tiny config (seconds per method)
-    python benchmarks/accuracy.py --report        # table (markdown) + bar plot from the JSON lines
+    nice python benchmarks/accuracy.py                  # the study: appends one JSON line per finished run
+    nice python benchmarks/accuracy.py --shards=2 --shard=1   # a second process takes the other half of the plan
+    python benchmarks/accuracy.py --smoke               # every method path once on a tiny config (about 2 min)
+    python benchmarks/accuracy.py --report              # accuracy_summary.json, accuracy.md and plots
 
-Every method trains CIFAR-style ResNets (``keras_graft.models.cifar_resnet``, option-A shortcuts, coupled weight
-decay 5e-4) on the native 28x28x1 images of the local Fashion-MNIST IDX files, inside one
-``keras_graft.trainer.GraftTrainer`` training loop, so that every method runs the same compiled step, the same data
-pipeline (random crop after 4 pixels of padding + horizontal flip, each model its own order) and the same
-schedule: SGD lr 0.1, momentum 0.9, batch 128, cosine annealing per step over ``--epochs`` epochs per model.
-What changes between methods is only the method:
+Question: do 2-model grafting (the reference protocol), cultivation and our variants beat their baselines by more
+than the baseline's spread over seeds, in a regime where grafting's mechanism exists (invalid filters, which weight
+decay creates over many SGD steps)? The probe (benchmarks/probe.py, on a validation split carved from the training
+images) chose the regime: ResNet-8 width 8, batch 32, so that every model gets >= 20,000 SGD steps at lr 0.1.
 
-* ``baseline``        one model;
-* ``graft2``          2 models grafting every epoch (entropy criterion), same learning rate;
-* ``graft2_spread``   2 models grafting, learning rates spread lr_k = lr (1 + cos(pi (N - k) / N)) / 2;
-* ``graft3``          3 models grafting in a ring;
-* ``ensemble2``       2 independent models (no grafting); the ensemble (mean probabilities) is reported too;
-* ``graft2_l1``       as ``graft2`` with the L1 criterion instead of entropy;
-* ``repr``            one model with the RePr callback (``--repr_s1/--repr_s2/--repr_cycles``, epochs);
-* ``noise_scion``     one model, Gaussian noise grafted into its invalid filters every epoch (NoiseScion);
-* ``internal_scion``  one model, its largest filters grafted into its smallest every epoch (InternalScion);
-* ``teacher``         the frozen teacher of ``kd`` and ``cultivate``: one wider/deeper network
-  (``--teacher_depth``/``--teacher_width``, ResNet-14 width 8 by default, ~2x a baseline run) trained per seed with
-  the same protocol (same data order as model 0, same schedule and epochs), saved to
-  ``--teacher_dir``/<config>_<teacher>_seed<s>.keras (gitignored) and recorded like the other methods;
-* ``kd``              one model + distillation from the seed's teacher (``keras_graft.Distillation``, temperature
-  ``--kd_temperature``, weight ``--kd_weight``), no grafting: the knowledge-distillation baseline;
-* ``cultivate``       as ``graft2`` (2 models, entropy grafting every epoch, same lr) + distillation from the
-  seed's teacher: cultivation;
-* ``mutual``          2 models, deep mutual learning (``Distillation([], mutual=True)``, ``data_order="shared"``:
-  both models see model 0's batches), no grafting.
+Protocol (every method): train on all 60,000 training images, test on all 10,000 test images after every epoch,
+*before* that epoch's graft (the reference's train -> test -> save -> graft), no graft after the final epoch. SGD
+momentum 0.9, coupled weight decay 5e-4, lr 0.1 divided by 10 at the ``--milestones`` epochs (the reference's step
+schedule, shortened: 11 epochs = 20,625 steps at lr 0.1, then 3 at 0.01 and 1 at 0.001), random crop after 4 pixels
+of padding + horizontal flip, each model and each epoch its own data order. Seed s fixes model 0's initialisation and
+data order in every method, so methods are compared paired by seed.
 
-A teacher missing from ``--teacher_dir`` when ``kd`` or ``cultivate`` needs it is trained first (its JSON line is
-written once; a retrained teacher's own test accuracy is stored in the runs that use it, ``teacher_accuracy``).
+Methods:
 
-Each finished run appends one JSON line to ``--output``: method, seed, the config, per-model and ensemble test
-accuracy, invalid filters (L1 norm < 0.1 and < 0.01, ``criteria.invalid_filters``) per model, seconds per epoch.
+* ``baseline``            one model;
+* ``graft2``              2 models, entropy grafting after every epoch, lr spread (model k: lr (1 + cos(pi (N - k) /
+  N)) / 2), step schedule: the reference protocol (``grafting.py`` defaults: ``--difflr`` on, no ``--cos``);
+* ``graft2_cosine``       as ``graft2`` with cosine annealing instead of the step schedule (the reference's ``--cos``);
+* ``graft2_shared_init``  as ``graft2`` with both peers starting from model 0's initialisation (ours: the first graft
+  then mixes two related networks instead of averaging two random ones);
+* ``ensemble2``           2 independent models (the baseline's protocol each); their ensemble is reported too;
+* ``teacher``             a wider network (``--teacher_model``) trained with the baseline's protocol; frozen teacher of:
+* ``kd``                  one model + distillation from the seed's teacher (temperature 2, weight 1);
+* ``cultivate``           ``graft2`` + distillation from the same teacher (cultivation).
 
-Resumable: runs already in ``--output`` with the same config are skipped; each running run checkpoints every
-epoch under ``--backup_root`` (GraftTrainer's ``backup_dir``), so a killed study restarted with the same command
-continues inside the interrupted run (RePr runs restart from scratch: the callback's schedule is not in the
-checkpoint). Runs go seed by seed (all methods of seed 0, then seed 1, ...), so a partial study compares methods
-on the same seeds.
+Resumable and restartable: a finished run is one JSON line in ``--output`` (skipped when rerun); a running run
+checkpoints every epoch under ``--backup_root`` (GraftTrainer's ``backup_dir``) with its per-epoch rows beside it, so
+a killed study rerun with the same command continues inside the interrupted run.
 """
 
 import json
@@ -64,521 +55,434 @@ from keras_graft import datasets
 from keras_graft import models
 from keras_graft.trainer import GraftTrainer
 
-METHODS = ("baseline", "graft2", "graft2_spread", "graft3", "ensemble2", "graft2_l1", "repr", "noise_scion",
-           "internal_scion", "teacher", "kd", "cultivate", "mutual")
-DISTILLED = ("kd", "cultivate")  # the methods that learn from the seed's teacher
-THRESHOLDS = (0.1, 0.01)
 _HERE = os.path.dirname(os.path.abspath(__file__))
+_RESULTS = os.path.join(_HERE, "results")
+THRESHOLDS = (0.1, 0.01)
+METHODS = ("baseline", "graft2", "graft2_cosine", "graft2_shared_init", "ensemble2", "teacher", "kd", "cultivate")
+DISTILLED = ("kd", "cultivate")
 
 flags.DEFINE_list("methods", list(METHODS), f"Methods to run, among {', '.join(METHODS)}.")
-flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds; each method runs once per seed.")
-flags.DEFINE_integer("depth", 8, "CIFAR ResNet depth (6n + 2).")
-flags.DEFINE_integer("width", 8, "Filters of the first stage (16 in the paper).")
-flags.DEFINE_integer("epochs", 12, "Epochs per model, the same for every method.")
-flags.DEFINE_integer("train_subset", 8192, "First N training images (fixed subset); 0: all 60000.")
-flags.DEFINE_integer("batch_size", 128, "Batch per model.")
-flags.DEFINE_float("lr", 0.1, "Initial learning rate (cosine annealing per step to 0).")
+flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every method.")
+flags.DEFINE_list("more_seeds", ["3", "4"], "Further seeds of the --more_seed_methods (run first with the others).")
+flags.DEFINE_list("more_seed_methods", ["baseline", "graft2"], "Methods that also run the --more_seeds.")
+flags.DEFINE_string("model", "resnet8_w8", "Network: resnet<depth>_w<width> (CIFAR ResNet, option-A shortcuts).")
+flags.DEFINE_string("teacher_model", "resnet8_w16", "Teacher of kd and cultivate (a wider network).")
+flags.DEFINE_integer("epochs", 15, "Epochs per model, the same for every method.")
+flags.DEFINE_list("milestones", ["11", "14"], "Epochs after which the step schedule divides the lr by 10.")
+flags.DEFINE_integer("train_examples", 60000, "Training images (the first N of the training split).")
+flags.DEFINE_integer("batch_size", 32, "Batch per model.")
+flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay of the models.")
-flags.DEFINE_integer("image_size", 28, "28: native Fashion-MNIST; 32: zero-padded to CIFAR's size.")
-flags.DEFINE_integer("repr_s1", 2, "RePr: epochs of full training before each drop.")
-flags.DEFINE_integer("repr_s2", 1, "RePr: epochs with the dropped filters held at zero.")
-flags.DEFINE_integer("repr_cycles", 3, "RePr: drop/re-initialise cycles.")
-flags.DEFINE_float("repr_prune_ratio", 0.3, "RePr: share of filters dropped per cycle.")
-flags.DEFINE_integer("teacher_depth", 14, "Teacher of kd/cultivate: CIFAR ResNet depth.")
-flags.DEFINE_integer("teacher_width", 8, "Teacher of kd/cultivate: filters of the first stage.")
-flags.DEFINE_string("teacher_dir", os.path.join(_HERE, "results", "teachers"),
-                    "Teachers (.keras), one per config and seed; gitignored.")
-flags.DEFINE_float("kd_temperature", 2.0, "Distillation temperature (kd, cultivate, mutual).")
-flags.DEFINE_float("kd_weight", 1.0, "Distillation weight (kd, cultivate, mutual).")
-flags.DEFINE_string("output", os.path.join(_HERE, "results", "accuracy.jsonl"), "JSON lines, appended.")
-flags.DEFINE_string("backup_root", "/tmp/keras_graft_accuracy_backup",
-                    "Per-run checkpoints for resuming a killed run mid-run; '' disables.")
-flags.DEFINE_bool("smoke", False, "Every method once on a tiny config (1 seed, 512 images, 1 epoch), written to "
-                  "a temporary file unless --output is given explicitly.")
-flags.DEFINE_bool("report", False, "Write the summary table and the plot from --output instead of training.")
-flags.DEFINE_string("report_md", os.path.join(_HERE, "results", "accuracy.md"), "Report: markdown table.")
-flags.DEFINE_string("report_png", os.path.join(_HERE, "results", "accuracy.png"), "Report: bar plot.")
-
+flags.DEFINE_integer("steps_per_execution", 50, "Training steps per compiled call (the same numerics as 1).")
+flags.DEFINE_integer("shards", 1, "Split the plan into this many shards, one process each.")
+flags.DEFINE_integer("shard", 0, "The shard this process runs (0-based).")
+flags.DEFINE_string("teacher_dir", os.path.join(_RESULTS, "teachers"), "Teachers (.keras), gitignored.")
+flags.DEFINE_string("output", os.path.join(_RESULTS, "accuracy_runs.jsonl"), "JSON lines, appended.")
+flags.DEFINE_string("backup_root", "/work/keras_graft_study_backup", "Per-run checkpoints; '' disables.")
+flags.DEFINE_bool("smoke", False, "Every method once on a tiny config (512 images, 2 epochs, 1 seed), written to a "
+                  "temporary file unless --output is given.")
+flags.DEFINE_bool("report", False, "Write the summary, table and plots from --output instead of training.")
+flags.DEFINE_string("summary", os.path.join(_RESULTS, "accuracy_summary.json"), "Report: machine-readable summary.")
+flags.DEFINE_string("report_md", os.path.join(_RESULTS, "accuracy.md"), "Report: markdown tables.")
+flags.DEFINE_string("report_png", os.path.join(_RESULTS, "accuracy_curves.png"), "Report: per-epoch plots.")
 FLAGS = flags.FLAGS
 
 
 # Configuration.
 
-def _config():
+def config():
+    """What makes two runs comparable; part of every record."""
+    milestones = [int(m) for m in FLAGS.milestones]
+    steps = math.ceil(FLAGS.train_examples / FLAGS.batch_size)
     return {
-        "dataset": "fashion_mnist_local", "model": f"resnet{FLAGS.depth}_w{FLAGS.width}", "epochs": FLAGS.epochs,
-        "train_subset": FLAGS.train_subset or 60000, "batch_size": FLAGS.batch_size, "lr": FLAGS.lr,
-        "weight_decay": FLAGS.weight_decay, "image_size": FLAGS.image_size, "schedule": "cosine",
+        "dataset": "fashion_mnist", "train_examples": FLAGS.train_examples, "test_examples": 10000,
+        "model": FLAGS.model, "teacher_model": FLAGS.teacher_model, "epochs": FLAGS.epochs,
+        "batch_size": FLAGS.batch_size, "steps_per_epoch": steps, "steps_per_model": steps * FLAGS.epochs,
+        "steps_at_initial_lr": steps * milestones[0], "lr": FLAGS.lr, "momentum": 0.9,
+        "weight_decay": FLAGS.weight_decay, "milestones": milestones, "image_size": 28,
+        "evaluation": "test set after every epoch, before that epoch's graft; no graft after the final epoch",
     }
 
 
-def _apply_smoke():
-    FLAGS.seeds = ["0"]
-    FLAGS.train_subset = 512
-    FLAGS.epochs = 1
-    if not FLAGS["output"].present:
-        FLAGS.output = "/tmp/keras_graft_accuracy_smoke.jsonl"
-        if os.path.exists(FLAGS.output):
-            os.remove(FLAGS.output)
-    if not FLAGS["backup_root"].present:
-        FLAGS.backup_root = ""
-    if not FLAGS["teacher_dir"].present:
-        FLAGS.teacher_dir = "/tmp/keras_graft_accuracy_smoke_teachers"
-        shutil.rmtree(FLAGS.teacher_dir, ignore_errors=True)
+def config_key(c=None):
+    c = c or config()
+    return (f"{c['model']}_e{c['epochs']}_m{'-'.join(map(str, c['milestones']))}_n{c['train_examples']}_"
+            f"b{c['batch_size']}_lr{c['lr']:g}_wd{c['weight_decay']:g}")
 
 
-def _method_spec(method):
-    """(num_models, GraftTrainer kwargs, description) of a method."""
+def method_spec(method):
+    """(num_models, GraftTrainer keyword arguments) of a method."""
+    step = {"name": "step", "milestones": [int(m) for m in FLAGS.milestones]}
+    reference = {"grafting": keras_graft.Grafting(), "lr_spread": True, "lr_schedule": step}
     specs = {
-        "baseline": (1, {}, "1 model"),
-        "graft2": (2, {"grafting": keras_graft.Grafting()}, "2 models, entropy grafting, same lr"),
-        "graft2_spread": (2, {"grafting": keras_graft.Grafting(), "lr_spread": True},
-                          "2 models, entropy grafting, lr spread"),
-        "graft3": (3, {"grafting": keras_graft.Grafting()}, "3 models, entropy grafting in a ring"),
-        "ensemble2": (2, {}, "2 independent models (+ their ensemble)"),
-        "graft2_l1": (2, {"grafting": keras_graft.Grafting(criterion="l1")}, "2 models, L1 grafting"),
-        "repr": (1, {}, "1 model + RePr"),
-        "noise_scion": (1, {}, "1 model + NoiseScion(0.1)"),
-        "internal_scion": (1, {}, "1 model + InternalScion(0.1)"),
-        "teacher": (1, {}, f"teacher, resnet{FLAGS.teacher_depth}_w{FLAGS.teacher_width}"),
-        "kd": (1, {}, "1 model + distillation from the teacher"),
-        "cultivate": (2, {"grafting": keras_graft.Grafting()}, "2 models, entropy grafting + distillation from "
-                      "the teacher"),
-        "mutual": (2, {"data_order": "shared"}, "2 models, deep mutual learning, shared data order"),
+        "baseline": (1, {"lr_schedule": step}),
+        "graft2": (2, reference),
+        "graft2_cosine": (2, {**reference, "lr_schedule": "cosine"}),
+        "graft2_shared_init": (2, {**reference, "shared_initialization": True}),
+        "ensemble2": (2, {"lr_schedule": step}),
+        "teacher": (1, {"lr_schedule": step}),
+        "kd": (1, {"lr_schedule": step}),
+        "cultivate": (2, reference),
     }
     return specs[method]
 
 
-# Data.
-
-class _Data:
-    """Training pipelines per (model, epoch) and the test set, read once from the IDX files."""
-
-    def __init__(self, seed):
-        subset = FLAGS.train_subset or None
-        image_size = None if FLAGS.image_size == 28 else FLAGS.image_size
-        self._fn = datasets.per_model_dataset_fn("fashion_mnist_local", batch_size=FLAGS.batch_size,
-                                                 base_seed=1_000_003 * int(seed), subset=subset,
-                                                 image_size=image_size)
-        self.examples = subset or 60000
-        self.steps = math.ceil(self.examples / FLAGS.batch_size)
-        self.test = datasets.load("fashion_mnist_local", "test", batch_size=1000, image_size=image_size)
-
-    def train_fn(self, model_index, input_context, epoch=0):
-        # per_model_dataset_fn seeds model k's shuffle and augmentation with base_seed + k; a fresh pipeline per
-        # epoch with that seed would repeat the same order every epoch, so the "model index" passed on mixes in
-        # the epoch: every (model, epoch) gets its own order, reproducible for a resumed epoch.
-        return self._fn(int(model_index) + 64 * int(epoch), input_context)
+def build_fn(name):
+    depth, width = name[len("resnet"):].split("_w")
+    return lambda: models.cifar_resnet(int(depth), width=int(width), num_classes=10, input_shape=(28, 28, 1),
+                                       weight_decay=FLAGS.weight_decay)
 
 
-# Callbacks.
-
-class _Progress(keras.callbacks.Callback):
-    """Logs every epoch (loss, accuracy, graft alpha, seconds) and keeps the epochs' wall times."""
-
-    def __init__(self, label, epochs):
-        super().__init__()
-        self.label = label
-        self.epochs = epochs
-        self.times = []
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        seconds = time.perf_counter() - self._start
-        self.times.append(seconds)
-        logs = logs or {}
-        extra = "".join(f" {key}={logs[key]:.3g}" for key in ("graft_alpha", "scion_filters", "repr_dropped")
-                        if key in logs)
-        logging.info("%s epoch %d/%d: loss %.4f accuracy %.4f%s (%.1f s)", self.label, epoch + 1, self.epochs,
-                     logs.get("loss", float("nan")), logs.get("accuracy", float("nan")), extra, seconds)
-
-
-class _ScionCallback(keras.callbacks.Callback):
-    """Runs a scion round on every model of a trainer at the end of each epoch (what Grafting(peers=scion) does
-    in model.fit); adds ``scion_filters`` (filters grafted this round) to the logs."""
-
-    def __init__(self, scion, models_):
-        super().__init__()
-        self.scion = scion
-        self.models_ = models_
-        self.grafted = 0
-
-    def on_epoch_end(self, epoch, logs=None):
-        filters = sum(self.scion.apply(model, epoch).filters for model in self.models_)
-        self.grafted += filters
-        if logs is not None:
-            logs["scion_filters"] = filters
+def teacher_path(seed):
+    return os.path.join(FLAGS.teacher_dir, f"{config_key()}_teacher_{FLAGS.teacher_model}_seed{seed}.keras")
 
 
 # One run.
 
-def _build_model_fn(depth=None, width=None):
-    shape = (FLAGS.image_size, FLAGS.image_size, 1)
-    depth, width = depth or FLAGS.depth, width or FLAGS.width
-    return lambda: models.cifar_resnet(depth, width=width, num_classes=10, input_shape=shape,
-                                       weight_decay=FLAGS.weight_decay)
+class EpochRecord(keras.callbacks.Callback):
+    """Per epoch (before its graft): test accuracy of every model and of the ensemble, invalid filters, the peers'
+    relative distance ||W_0 - W_1|| / ||W_0|| over all weights, learning rates, seconds. Rows are also written to
+    ``path`` so that a resumed run keeps the rows of the epochs it does not rerun."""
+
+    def __init__(self, trainer, label, path):
+        super().__init__()
+        self.trainer = trainer
+        self.label = label
+        self.path = path
+        self.stats = keras_graft.FilterStats(thresholds=list(THRESHOLDS))
+        self.rows = []
+        if path and os.path.exists(path):
+            with open(path) as f:
+                self.rows = json.load(f)
+        self._start = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+        self.rows = [row for row in self.rows if row["epoch"] <= epoch]
+
+    def on_epoch_end(self, epoch, logs=None):
+        n = self.trainer.num_models
+        stats = [self.stats.measure(model) for model in self.trainer.models]
+        row = {
+            "epoch": epoch + 1, "seconds": time.perf_counter() - self._start,
+            "learning_rate": [logs[f"learning_rate_{k}"] for k in range(n)],
+            "train_loss": [logs[f"loss_{k}"] for k in range(n)],
+            "test_accuracy": [logs[f"val_accuracy_{k}"] for k in range(n)],
+            "test_accuracy_ensemble": logs["val_accuracy_ensemble"],
+            **{f"invalid_{t:g}": [s[f"invalid_filters_{t:g}"] for s in stats] for t in THRESHOLDS},
+            "graft_alpha": [logs.get(f"graft_alpha_{k}", 1.0) for k in range(n)],
+        }
+        if n > 1:
+            own, peer = (np.concatenate([w.ravel() for w in m.get_weights()]) for m in self.trainer.models[:2])
+            row["peer_distance"] = float(np.linalg.norm(own - peer) / np.linalg.norm(own))
+        self.rows.append(row)
+        if self.path:
+            with open(self.path + ".tmp", "w") as f:
+                json.dump(self.rows, f)
+            os.replace(self.path + ".tmp", self.path)
+        logging.info("%s epoch %d: test %s (ensemble %.4f), invalid<0.1 %s, lr %.3g%s (%.0f s)", self.label,
+                     epoch + 1, [round(a, 4) for a in row["test_accuracy"]], row["test_accuracy_ensemble"],
+                     row["invalid_0.1"], row["learning_rate"][-1],
+                     f", distance {row['peer_distance']:.3f}" if n > 1 else "", row["seconds"])
 
 
-def _teacher_model_name():
-    return f"resnet{FLAGS.teacher_depth}_w{FLAGS.teacher_width}"
-
-
-def _teacher_path(seed):
-    return os.path.join(FLAGS.teacher_dir, f"{_config_key()}_teacher_{_teacher_model_name()}_seed{seed}.keras")
-
-
-def _distillation(method, seed):
-    """GraftTrainer's ``distillation`` for a method (None for the methods without) and the record's fields."""
+def run(method, seed, label):
+    num_models, kwargs = method_spec(method)
+    record = {"method": method, "seed": int(seed), "num_models": num_models, "config": config(),
+              "config_key": config_key()}
     if method in DISTILLED:
-        path = _teacher_path(seed)
-        info = {"teacher_model": _teacher_model_name(), "teacher_path": os.path.relpath(path, _HERE)}
-        return keras_graft.Distillation(teachers=[path], temperature=FLAGS.kd_temperature,
-                                        weight=FLAGS.kd_weight), info
-    if method == "mutual":
-        return keras_graft.Distillation([], mutual=True, temperature=FLAGS.kd_temperature,
-                                        weight=FLAGS.kd_weight), {}
-    return None, {}
-
-
-def _teacher_accuracy(path, data):
-    teacher = keras.saving.load_model(path, compile=False)
-    correct = total = 0
-    for x, y in data.test:
-        predictions = np.argmax(keras.ops.convert_to_numpy(teacher(x, training=False)), axis=-1)
-        correct += int(np.sum(predictions == np.asarray(y).reshape(-1)))
-        total += len(predictions)
-    return correct / total
-
-
-def _run(method, seed, data, index, total):
-    num_models, kwargs, description = _method_spec(method)
-    distillation, extra = _distillation(method, seed)
-    if distillation is not None:
-        kwargs = dict(kwargs, distillation=distillation)
-        extra["distillation"] = {"temperature": distillation.temperature, "weight": distillation.weight,
-                                 "mutual": distillation.mutual}
-        if method in DISTILLED:
-            extra["teacher_accuracy"] = _teacher_accuracy(_teacher_path(seed), data)
-    if method == "teacher":
-        extra["teacher_model"] = _teacher_model_name()
-    label = f"[{index}/{total}] {method} seed {seed}"
-    backup_dir = None
-    if FLAGS.backup_root and method != "repr":
-        backup_dir = os.path.join(FLAGS.backup_root, f"{method}_seed{seed}_" + _config_key())
+        kwargs = dict(kwargs, distillation=keras_graft.Distillation(teachers=[teacher_path(seed)], temperature=2.0,
+                                                                    weight=1.0))
+        record["teacher_path"] = os.path.relpath(teacher_path(seed), _HERE)
+    backup_dir = os.path.join(FLAGS.backup_root, f"{config_key()}_{method}_seed{seed}") if FLAGS.backup_root else None
+    if backup_dir:
+        os.makedirs(backup_dir, exist_ok=True)
     resumed = bool(backup_dir and tf.train.latest_checkpoint(backup_dir))
-    logging.info("%s: %s, %d epochs of %d images%s.", label, description, FLAGS.epochs, data.examples,
-                 " (resuming from its checkpoint)" if resumed else "")
-    model_fn = (_build_model_fn(FLAGS.teacher_depth, FLAGS.teacher_width) if method == "teacher"
-                else _build_model_fn())
-    trainer = GraftTrainer(model_fn, num_models=num_models,
-                           optimizer=keras.optimizers.SGD(FLAGS.lr, momentum=0.9),
-                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
-                           lr_schedule="cosine", seed=int(seed), backup_dir=backup_dir, **kwargs)
-    progress = _Progress(label, FLAGS.epochs)
-    callbacks = []
-    if method == "repr":
-        s1, s2, cycles, unit = FLAGS.repr_s1, FLAGS.repr_s2, FLAGS.repr_cycles, "epoch"
-        if FLAGS.smoke:  # One epoch: count steps instead, so that drop, hold and re-initialisation all run.
-            s1, s2, cycles, unit = 1, 1, 1, "step"
-        repr_cb = keras_graft.RePr(s1=s1, s2=s2, prune_ratio=FLAGS.repr_prune_ratio, cycles=cycles, unit=unit,
-                                   seed=int(seed))
-        repr_cb.models, repr_cb.optimizers = trainer.models, trainer.optimizers
-        callbacks.append(repr_cb)
-        extra["repr"] = {"s1": s1, "s2": s2, "cycles": cycles, "unit": unit, "prune_ratio": FLAGS.repr_prune_ratio}
-    elif method in ("noise_scion", "internal_scion"):
-        scion = (keras_graft.NoiseScion(threshold=0.1, seed=int(seed)) if method == "noise_scion"
-                 else keras_graft.InternalScion(threshold=0.1))
-        scion_cb = _ScionCallback(scion, trainer.models)
-        callbacks.append(scion_cb)
-    callbacks.append(progress)
-
+    logging.info("%s: %d model(s), %d epochs%s.", label, num_models, FLAGS.epochs, " (resuming)" if resumed else "")
+    trainer = GraftTrainer(
+        build_fn(FLAGS.teacher_model if method == "teacher" else FLAGS.model), num_models,
+        optimizer=keras.optimizers.SGD(FLAGS.lr, momentum=0.9),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"], seed=int(seed),
+        backup_dir=backup_dir, steps_per_execution=FLAGS.steps_per_execution, **kwargs)
+    train = datasets.per_model_dataset_fn("fashion_mnist_local", batch_size=FLAGS.batch_size,
+                                          base_seed=1_000_003 * int(seed), subset=FLAGS.train_examples)
+    test = datasets.load("fashion_mnist_local", "test", batch_size=1000)
+    epochs = EpochRecord(trainer, label, os.path.join(backup_dir, "epochs.json") if backup_dir else None)
     start = time.perf_counter()
-    history = trainer.fit(data.train_fn, epochs=FLAGS.epochs, steps_per_epoch=data.steps, callbacks=callbacks,
-                          verbose=0)
-    fit_seconds = time.perf_counter() - start
-    results = trainer.evaluate(data.test)
-    accuracies = [results[f"accuracy_{k}"] for k in range(num_models)]
-    record = {
-        "method": method, "seed": int(seed), "num_models": num_models, "config": _config(),
-        "config_key": _config_key(), "accuracy": accuracies, "mean_accuracy": float(np.mean(accuracies)),
-        "ensemble_accuracy": results["accuracy_ensemble"], "test_loss": [results[f"loss_{k}"] for k in
-                                                                         range(num_models)],
-        "train_accuracy_last_epoch": history.history.get("accuracy", [None])[-1] if history else None,
-    }
-    for threshold in THRESHOLDS:
-        reports = [criteria.invalid_filters(model, threshold) for model in trainer.models]
-        record[f"invalid_{threshold:g}"] = [r.invalid for r in reports]
-        record["filters_per_model"] = reports[0].total
-    times = progress.times
+    trainer.fit(train, epochs=FLAGS.epochs, steps_per_epoch=config()["steps_per_epoch"], validation_data=test,
+                callbacks=[epochs], verbose=0)
+    rows = epochs.rows
+    final = rows[-1]
     record.update({
-        "epochs_timed": len(times), "seconds_per_epoch": float(np.mean(times)) if times else None,
-        "seconds_per_epoch_median": float(np.median(times)) if times else None,
-        "seconds_per_epoch_per_model": float(np.median(times)) / num_models if times else None,
-        "fit_seconds": fit_seconds, "resumed": resumed, "date": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra,
+        "per_epoch": rows, "final_accuracy": final["test_accuracy"],
+        "final_ensemble_accuracy": final["test_accuracy_ensemble"],
+        "best_accuracy": [max(r["test_accuracy"][k] for r in rows) for k in range(num_models)],
+        "best_epoch": [1 + int(np.argmax([r["test_accuracy"][k] for r in rows])) for k in range(num_models)],
+        "filters_per_model": criteria.invalid_filters(trainer.models[0], THRESHOLDS[0]).total,
+        "seconds_per_epoch": float(np.median([r["seconds"] for r in rows])), "fit_seconds":
+        time.perf_counter() - start, "resumed": resumed, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "tensorflow": tf.__version__, "keras": keras.__version__,
     })
-    if method in ("noise_scion", "internal_scion"):
-        record["scion_filters_total"] = scion_cb.grafted
-    logging.info("%s: test accuracy %s (ensemble %.4f), invalid filters <0.1 %s <0.01 %s of %d, %.2f s/epoch.",
-                 label, [round(a, 4) for a in accuracies], record["ensemble_accuracy"], record["invalid_0.1"],
-                 record["invalid_0.01"], record["filters_per_model"], record["seconds_per_epoch_median"] or 0)
+    for t in THRESHOLDS:
+        record[f"invalid_{t:g}"] = final[f"invalid_{t:g}"]
     if method == "teacher":
-        path = _teacher_path(seed)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        trainer.models[0].save(path + ".tmp.keras")
-        os.replace(path + ".tmp.keras", path)  # a kill mid-save leaves no half-written teacher
-        logging.info("%s: teacher saved to %s.", label, path)
+        os.makedirs(FLAGS.teacher_dir, exist_ok=True)
+        trainer.models[0].save(teacher_path(seed) + ".tmp.keras")
+        os.replace(teacher_path(seed) + ".tmp.keras", teacher_path(seed))  # never a half-written teacher
     if backup_dir:
         shutil.rmtree(backup_dir, ignore_errors=True)
     keras.backend.clear_session()
+    logging.info("%s: final %s, best %s, invalid<0.1 %s of %d.", label, final["test_accuracy"],
+                 record["best_accuracy"], record["invalid_0.1"], record["filters_per_model"])
     return record
 
 
-def _config_key():
-    c = _config()
-    return (f"{c['model']}_e{c['epochs']}_n{c['train_subset']}_b{c['batch_size']}_lr{c['lr']:g}_"
-            f"wd{c['weight_decay']:g}_px{c['image_size']}")
+# The plan.
 
-
-def _done_runs(path):
-    done = set()
+def load_records(path):
+    records = []
     if os.path.exists(path):
         with open(path) as f:
             for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-                done.add((record.get("config_key"), record.get("method"), record.get("seed")))
-    return done
-
-
-def study():
-    for method in FLAGS.methods:
-        if method not in METHODS:
-            raise app.UsageError(f"Unknown method {method!r}; choose among {', '.join(METHODS)}.")
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-    done = _done_runs(FLAGS.output)
-    key = _config_key()
-    plan = [(int(seed), method) for seed in FLAGS.seeds for method in FLAGS.methods]
-    todo = [(seed, method) for seed, method in plan if (key, method, seed) not in done]
-    logging.info("Study %s: %d runs planned, %d already in %s, %d to run.", key, len(plan), len(plan) - len(todo),
-                 FLAGS.output, len(todo))
-    study_start = time.perf_counter()
-    model_epochs_done, model_epochs_total = 0, sum(_method_spec(m)[0] for _, m in todo) * FLAGS.epochs
-    data_by_seed = {}
-    for index, (seed, method) in enumerate(todo, 1):
-        if seed not in data_by_seed:
-            data_by_seed = {seed: _Data(seed)}
-        if method in DISTILLED and not os.path.exists(_teacher_path(seed)):
-            logging.info("[%d/%d] %s seed %d needs its teacher, missing from %s: training it first.", index,
-                         len(todo), method, seed, FLAGS.teacher_dir)
-            teacher_record = _run("teacher", seed, data_by_seed[seed], index, len(todo))
-            if (key, "teacher", seed) not in done:
-                with open(FLAGS.output, "a") as f:
-                    f.write(json.dumps(teacher_record) + "\n")
-                done.add((key, "teacher", seed))
-        if method == "teacher" and (key, "teacher", seed) in done:
-            continue  # trained above for an earlier method of this seed
-        record = _run(method, seed, data_by_seed[seed], index, len(todo))
-        with open(FLAGS.output, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        done.add((key, method, seed))
-        model_epochs_done += record["num_models"] * FLAGS.epochs
-        elapsed = time.perf_counter() - study_start
-        remaining = elapsed / model_epochs_done * (model_epochs_total - model_epochs_done)
-        logging.info("Progress: %d/%d runs, %.1f min elapsed, about %.1f min left.", index, len(todo),
-                     elapsed / 60, remaining / 60)
-    logging.info("Study done: %s.", FLAGS.output)
-
-
-# Report.
-
-def _load_records(path):
-    records = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if line:
                 try:
                     records.append(json.loads(line))
-                except json.JSONDecodeError:
+                except json.JSONDecodeError:  # a line cut short by a kill
                     continue
     return records
 
 
+def plan():
+    """Units of work in priority order (the 5-seed pair first); a teacher and its students form one unit."""
+    methods = [m for m in METHODS if m in FLAGS.methods]
+    more = [m for m in methods if m in FLAGS.more_seed_methods]
+    seeds = [int(s) for s in FLAGS.seeds]
+    units = [[(m, s)] for s in seeds + [int(x) for x in FLAGS.more_seeds] for m in more]
+    for s in seeds:
+        units += [[(m, s)] for m in methods if m not in more and m not in DISTILLED + ("teacher",)]
+        distilled = [(m, s) for m in ("teacher",) + DISTILLED if m in methods]
+        if distilled:
+            units.append(distilled)
+    return units
+
+
+def shard_of(units):
+    """Greedy split of the units over shards by cost (model-runs), the same in every process."""
+    load = [0.0] * FLAGS.shards
+    owner = []
+    for unit in units:
+        k = int(np.argmin(load))
+        owner.append(k)
+        load[k] += sum(method_spec(m)[0] * (2 if m == "teacher" else 1) for m, _ in unit)
+    return [unit for unit, k in zip(units, owner) if k == FLAGS.shard]
+
+
+def study():
+    unknown = set(FLAGS.methods) - set(METHODS)
+    if unknown:
+        raise app.UsageError(f"Unknown methods {sorted(unknown)}; choose among {', '.join(METHODS)}.")
+    if not 0 <= FLAGS.shard < FLAGS.shards:
+        raise app.UsageError(f"--shard must lie in [0, {FLAGS.shards}), got {FLAGS.shard}.")
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
+    key = config_key()
+    todo = [(m, s) for unit in shard_of(plan()) for m, s in unit]
+    logging.info("Study %s, shard %d/%d: %d runs.", key, FLAGS.shard, FLAGS.shards, len(todo))
+    for index, (method, seed) in enumerate(todo, 1):
+        done = {(r["config_key"], r["method"], r["seed"]) for r in load_records(FLAGS.output)}
+        if (key, method, seed) in done:
+            continue
+        if method in DISTILLED and not os.path.exists(teacher_path(seed)):
+            raise RuntimeError(f"{method} seed {seed} needs its teacher {teacher_path(seed)}: run the teacher first "
+                               "(it comes before its students in the plan).")
+        record = run(method, seed, f"[{index}/{len(todo)}] {method} seed {seed}")
+        with open(FLAGS.output, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    logging.info("Shard %d done: %s.", FLAGS.shard, FLAGS.output)
+
+
+# The report.
+
 def _mean_std(values):
-    values = [v for v in values if v is not None]
+    values = [float(v) for v in values]
     if not values:
         return None, None
-    return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else float("nan"))
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else None
 
 
-def _fmt(mean, std, scale=100.0, digits=2):
-    if mean is None:
-        return "-"
-    if std is None or math.isnan(std):
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def _interval(values):
+    """95% confidence interval of the mean (Student's t), or None with fewer than 2 values."""
+    if len(values) < 2:
+        return None
+    mean, std = _mean_std(values)
+    half = _T95.get(len(values) - 1, 1.96) * std / math.sqrt(len(values))
+    return [mean - half, mean + half]
 
 
 def summarize(records):
-    """Rows per method (in METHODS order) for the latest config in the records."""
-    keys = [r["config_key"] for r in records]
-    key = max(set(keys), key=keys.count) if keys else None
-    records = [r for r in records if r["config_key"] == key]
-    rows = []
-    for method in METHODS:
-        runs = [r for r in records if r["method"] == method]
-        if not runs:
-            continue
-        runs.sort(key=lambda r: r["seed"])
-        run_means = [r["mean_accuracy"] for r in runs]
-        base = {r["seed"]: r["mean_accuracy"] for r in records if r["method"] == "baseline"}
-        paired = [r["mean_accuracy"] - base[r["seed"]] for r in runs if r["seed"] in base]
-        rows.append({
-            "method": method, "models": runs[0]["num_models"], "seeds": [r["seed"] for r in runs],
-            "acc": _mean_std(run_means), "paired": _mean_std(paired) if method != "baseline" else None,
-            "per_seed": [round(100 * a, 2) for a in run_means],
-            "ensemble": _mean_std([r["ensemble_accuracy"] for r in runs]) if runs[0]["num_models"] > 1 else None,
-            "invalid_0.1": float(np.mean([v for r in runs for v in r["invalid_0.1"]])),
-            "invalid_0.01": float(np.mean([v for r in runs for v in r["invalid_0.01"]])),
-            "filters": runs[0]["filters_per_model"],
-            "s_epoch": float(np.mean([r["seconds_per_epoch_median"] for r in runs])),
-            "s_epoch_model": float(np.mean([r["seconds_per_epoch_per_model"] for r in runs])),
-            "description": _method_spec(method)[2],
-        })
-    return key, rows
-
-
-# Each distillation method against the same method without distillation (same models, data order and schedule).
-_COUNTERPARTS = (("teacher", "baseline"), ("kd", "baseline"), ("cultivate", "graft2"), ("mutual", "ensemble2"))
-
-
-def _distillation_lines(records, key):
-    by = {(r["method"], r["seed"]): r for r in records if r["config_key"] == key}
-    lines = []
-    for method, other in _COUNTERPARTS:
-        seeds = sorted(s for m, s in by if m == method and (other, s) in by)
-        if not seeds:
-            continue
-        diffs = [by[(method, s)]["mean_accuracy"] - by[(other, s)]["mean_accuracy"] for s in seeds]
-        per_seed = ", ".join(f"{100 * d:+.2f}" for d in diffs)
-        text = f"- {method} vs {other}: {_fmt(*_mean_std(diffs))} points over seeds {seeds} ({per_seed})"
-        if method == "mutual":
-            ens = [by[(method, s)]["ensemble_accuracy"] - by[(other, s)]["ensemble_accuracy"] for s in seeds]
-            text += f"; ensemble {_fmt(*_mean_std(ens))} points"
-        teacher = [by[(method, s)]["teacher_accuracy"] for s in seeds if "teacher_accuracy" in by[(method, s)]]
-        if teacher:
-            text += f"; its teachers' test accuracy {_fmt(*_mean_std(teacher))} %"
-        lines.append(text)
-    if lines:
-        lines = ["", "Distillation, paired by seed against the same method without it (test accuracy per model, "
-                 "points):", ""] + lines
-    return lines
-
-
-def report():
-    records = _load_records(FLAGS.output)
-    if not records:
-        raise app.UsageError(f"No results in {FLAGS.output}.")
-    key, rows = summarize(records)
-    lines = [f"Config `{key}` ({len([r for r in records if r['config_key'] == key])} runs). Test top-1 accuracy "
-             "in %: per model = the mean of the run's models (one number per seed), then mean ± sample std over "
-             "seeds; ensemble (mean probabilities), likewise; paired = the run's per-model accuracy minus the "
-             "baseline's of the same seed (same initialisation and data order of model 0), mean ± std over seeds. "
-             "Invalid: filters per model with L1 norm below the threshold, mean over models and seeds.", "",
-             "| method | models | seeds | test acc. per model (%) | per seed | ensemble (%) | paired vs baseline "
-             "(points) | invalid <0.1 | invalid <0.01 | s/epoch (all models) | s/epoch per model |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        ensemble = _fmt(*row["ensemble"]) if row["ensemble"] else "-"
-        paired = _fmt(*row["paired"], digits=2) if row["paired"] else "-"
-        lines.append(f"| {row['method']} ({row['description']}) | {row['models']} | {len(row['seeds'])} | "
-                     f"{_fmt(*row['acc'])} | {', '.join(map(str, row['per_seed']))} | {ensemble} | {paired} | "
-                     f"{row['invalid_0.1']:.1f} / {row['filters']} | "
-                     f"{row['invalid_0.01']:.1f} / {row['filters']} | {row['s_epoch']:.2f} | "
-                     f"{row['s_epoch_model']:.2f} |")
-    base = next((r for r in rows if r["method"] == "baseline"), None)
-    if base and base["acc"][0] is not None:
-        lines.append("")
-        lines.append(f"Baseline: {_fmt(*base['acc'])} %. Difference of each method's mean from the baseline "
-                     "mean, in baseline standard deviations (over seeds):")
-        lines.append("")
-        for row in rows:
-            if row is base:
+    """{"studies": [...]}: per config, per method: accuracies over seeds and paired differences with baseline."""
+    studies = []
+    for key in sorted({r["config_key"] for r in records}):
+        runs = [r for r in records if r["config_key"] == key]
+        by = {(r["method"], r["seed"]): r for r in runs}
+        methods = {}
+        for method in METHODS:
+            mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["seed"])
+            if not mine:
                 continue
-            diff = row["acc"][0] - base["acc"][0]
-            sigma = diff / base["acc"][1] if base["acc"][1] and not math.isnan(base["acc"][1]) else float("nan")
-            ens = ""
-            if row["ensemble"]:
-                ens = f"; ensemble {100 * (row['ensemble'][0] - base['acc'][0]):+.2f} points"
-            paired = ""
-            if row["paired"] and row["paired"][0] is not None:
-                paired = f"; paired by seed {_fmt(*row['paired'])} points"
-            lines.append(f"- {row['method']}: {100 * diff:+.2f} points ({sigma:+.2f} baseline std){paired}{ens}")
-    lines += _distillation_lines(records, key)
-    text = "\n".join(lines) + "\n"
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.report_md)), exist_ok=True)
-    with open(FLAGS.report_md, "w") as f:
-        f.write(text)
-    print(text)
-    _plot(rows, key)
-    logging.info("Wrote %s and %s.", FLAGS.report_md, FLAGS.report_png)
+            final = [float(np.mean(r["final_accuracy"])) for r in mine]
+            best = [float(np.mean(r["best_accuracy"])) for r in mine]
+            paired = [f - float(np.mean(by[("baseline", r["seed"])]["final_accuracy"]))
+                      for f, r in zip(final, mine) if ("baseline", r["seed"]) in by]
+            paired_best = [b - float(np.mean(by[("baseline", r["seed"])]["best_accuracy"]))
+                           for b, r in zip(best, mine) if ("baseline", r["seed"]) in by]
+            filters = mine[0]["filters_per_model"]
+            entry = {
+                "models": mine[0]["num_models"], "seeds": [r["seed"] for r in mine],
+                "final_per_seed": final, "final_mean": _mean_std(final)[0], "final_std": _mean_std(final)[1],
+                "best_per_seed": best, "best_mean": _mean_std(best)[0], "best_std": _mean_std(best)[1],
+                "invalid_ratio_final": float(np.mean([c for r in mine for c in r["invalid_0.1"]])) / filters,
+                "invalid_ratio_final_0.01": float(np.mean([c for r in mine for c in r["invalid_0.01"]])) / filters,
+                "filters_per_model": filters,
+                "seconds_per_epoch": float(np.mean([r["seconds_per_epoch"] for r in mine])),
+            }
+            if method != "baseline":
+                entry.update({"paired_final_mean": _mean_std(paired)[0], "paired_final_std": _mean_std(paired)[1],
+                              "paired_final_ci95": _interval(paired), "paired_best_mean": _mean_std(paired_best)[0],
+                              "paired_best_std": _mean_std(paired_best)[1]})
+            if entry["models"] > 1:
+                ensemble = [r["final_ensemble_accuracy"] for r in mine]
+                entry["ensemble_final_mean"], entry["ensemble_final_std"] = _mean_std(ensemble)
+            if method in DISTILLED:
+                other = "baseline" if method == "kd" else "graft2"
+                diffs = [float(np.mean(r["final_accuracy"])) - float(np.mean(by[(other, r["seed"])]["final_accuracy"]))
+                         for r in mine if (other, r["seed"]) in by]
+                entry[f"paired_final_vs_{other}"] = _mean_std(diffs)
+            methods[method] = entry
+        if "kd" in methods and "cultivate" in methods:
+            seeds = [s for s in methods["cultivate"]["seeds"] if ("kd", s) in by]
+            diffs = [float(np.mean(by[("cultivate", s)]["final_accuracy"])) - float(np.mean(by[("kd", s)][
+                "final_accuracy"])) for s in seeds]
+            methods["cultivate"]["paired_final_vs_kd"] = _mean_std(diffs)
+        studies.append({"config": {**runs[0]["config"], "config_key": key}, "methods": methods})
+    return {"studies": studies}
 
 
-def _plot(rows, key):
+def _pct(mean, std=None):
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def markdown(summary):
+    lines = []
+    for study_ in summary["studies"]:
+        c = study_["config"]
+        lines += [f"### `{c['config_key']}`", "",
+                  f"{c['model']}, {c['train_examples']} training images, batch {c['batch_size']}, {c['epochs']} "
+                  f"epochs ({c['steps_per_model']} steps per model, {c['steps_at_initial_lr']} at lr {c['lr']}), "
+                  f"lr / 10 after epochs {c['milestones']}. Test accuracy (%) on all 10,000 test images: final = "
+                  "last epoch, best = best epoch (as the papers report), both the mean over a run's models, then "
+                  "mean ± std over seeds; paired = minus the baseline of the same seed.", "",
+                  "| method | models | seeds | final | best | paired final (95% CI) | paired best | ensemble final "
+                  "| invalid <0.1 | invalid <0.01 | s/epoch |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for name, m in study_["methods"].items():
+            ci = m.get("paired_final_ci95")
+            paired = "-" if name == "baseline" else (
+                f"{_pct(m['paired_final_mean'], m['paired_final_std'])}"
+                + (f" ({100 * ci[0]:+.2f}, {100 * ci[1]:+.2f})" if ci else ""))
+            best_paired = "-" if name == "baseline" else _pct(m["paired_best_mean"], m["paired_best_std"])
+            lines.append(
+                f"| {name} | {m['models']} | {len(m['seeds'])} | {_pct(m['final_mean'], m['final_std'])} | "
+                f"{_pct(m['best_mean'], m['best_std'])} | {paired} | {best_paired} | "
+                f"{_pct(m.get('ensemble_final_mean'), m.get('ensemble_final_std'))} | "
+                f"{100 * m['invalid_ratio_final']:.1f}% | {100 * m['invalid_ratio_final_0.01']:.1f}% | "
+                f"{m['seconds_per_epoch']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(records, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [r["method"] for r in rows]
-    x = np.arange(len(rows))
-    fig, (ax_acc, ax_inv) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    means = [100 * r["acc"][0] for r in rows]
-    stds = [0 if math.isnan(r["acc"][1]) else 100 * r["acc"][1] for r in rows]
-    ax_acc.bar(x - 0.2, means, 0.4, yerr=stds, capsize=3, label="per model", color="tab:blue")
-    for i, r in enumerate(rows):  # each seed's per-model accuracy
-        ax_acc.plot([x[i] - 0.2] * len(r["per_seed"]), r["per_seed"], "k.", markersize=4)
-    ens = [100 * r["ensemble"][0] if r["ensemble"] else np.nan for r in rows]
-    ens_std = [100 * r["ensemble"][1] if r["ensemble"] and not math.isnan(r["ensemble"][1]) else 0 for r in rows]
-    ax_acc.bar(x + 0.2, ens, 0.4, yerr=ens_std, capsize=3, label="ensemble (N > 1)", color="tab:orange")
-    base = next((r for r in rows if r["method"] == "baseline"), None)
-    if base:
-        mean, std = 100 * base["acc"][0], 0 if math.isnan(base["acc"][1]) else 100 * base["acc"][1]
-        ax_acc.axhspan(mean - std, mean + std, color="grey", alpha=0.2, label="baseline mean ± std")
-    low = min(min(m - s, min(r["per_seed"])) for m, s, r in zip(means, stds, rows))
-    ax_acc.set_ylim(max(0, low - 1.5), min(100, max(np.nanmax(ens) if np.isfinite(ens).any() else 0,
-                                                    max(means)) + 1.5))
-    ax_acc.set_xticks(x, names, rotation=30, ha="right")
-    ax_acc.set_ylabel("Fashion-MNIST test accuracy (%)")
-    ax_acc.set_title(f"Accuracy, mean ± std ({key})", fontsize=9)
-    ax_acc.legend(fontsize=8, loc="lower left")
-    ax_inv.bar(x - 0.2, [r["invalid_0.1"] for r in rows], 0.4, label="L1 < 0.1")
-    ax_inv.bar(x + 0.2, [r["invalid_0.01"] for r in rows], 0.4, label="L1 < 0.01")
-    ax_inv.set_ylim(0, max(1.0, 1.15 * max(max(r["invalid_0.1"], r["invalid_0.01"]) for r in rows)))
-    ax_inv.set_xticks(x, names, rotation=30, ha="right")
-    ax_inv.set_ylabel(f"invalid filters per model (of {rows[0]['filters']})")
-    ax_inv.legend(fontsize=8)
+    key = max({r["config_key"] for r in records}, key=lambda k: sum(r["config_key"] == k for r in records))
+    runs = [r for r in records if r["config_key"] == key]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    styles = {"baseline": "k", "graft2": "tab:red", "ensemble2": "tab:blue", "graft2_shared_init": "tab:orange",
+              "graft2_cosine": "tab:purple", "cultivate": "tab:green", "kd": "tab:olive"}
+    for method, color in styles.items():
+        mine = [r for r in runs if r["method"] == method]
+        if not mine:
+            continue
+        epochs = np.arange(1, len(mine[0]["per_epoch"]) + 1)
+        accuracy = np.mean([[np.mean(row["test_accuracy"]) for row in r["per_epoch"]] for r in mine], axis=0)
+        axes[0].plot(epochs, 100 * accuracy, color=color, label=f"{method} (n={len(mine)})")
+        if method == "ensemble2":
+            ensemble = np.mean([[row["test_accuracy_ensemble"] for row in r["per_epoch"]] for r in mine], axis=0)
+            axes[0].plot(epochs, 100 * ensemble, color=color, linestyle="--", label="ensemble2, ensemble")
+        invalid = np.mean([[np.mean(row["invalid_0.1"]) for row in r["per_epoch"]] for r in mine], axis=0)
+        axes[1].plot(epochs, 100 * invalid / mine[0]["filters_per_model"], color=color, label=method)
+        if "peer_distance" in mine[0]["per_epoch"][0]:
+            distance = np.mean([[row["peer_distance"] for row in r["per_epoch"]] for r in mine], axis=0)
+            axes[2].plot(epochs, distance, color=color, label=method)
+    axes[0].set(title="test accuracy per epoch (before the graft), mean over seeds", xlabel="epoch",
+                ylabel="accuracy (%)")
+    axes[0].set_ylim(bottom=max(0, axes[0].get_ylim()[0]))
+    axes[1].set(title="invalid filters (L1 < 0.1) per model", xlabel="epoch", ylabel="% of filters")
+    axes[2].set(title="peers' distance ||W0 - W1|| / ||W0|| before the graft", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"Fashion-MNIST, {key}")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.report_png)), exist_ok=True)
-    fig.savefig(FLAGS.report_png, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def report():
+    records = load_records(FLAGS.output)
+    if not records:
+        raise app.UsageError(f"No results in {FLAGS.output}.")
+    summary = summarize(records)
+    for path, text in ((FLAGS.summary, json.dumps(summary, indent=1)), (FLAGS.report_md, markdown(summary))):
+        with open(path, "w") as f:
+            f.write(text + "\n")
+    plot(records, FLAGS.report_png)
+    print(markdown(summary))
+
+
+def apply_smoke():
+    FLAGS.seeds, FLAGS.more_seeds = ["0"], []
+    FLAGS.train_examples, FLAGS.epochs, FLAGS.milestones = 512, 2, ["1"]
+    if not FLAGS["output"].present:
+        FLAGS.output = "/tmp/keras_graft_accuracy_smoke.jsonl"
+    for flag, path in (("summary", "/tmp/keras_graft_accuracy_smoke_summary.json"),
+                       ("report_md", "/tmp/keras_graft_accuracy_smoke.md"),
+                       ("report_png", "/tmp/keras_graft_accuracy_smoke.png"),
+                       ("teacher_dir", "/tmp/keras_graft_accuracy_smoke_teachers")):
+        if not FLAGS[flag].present:
+            FLAGS[flag].value = path
+    if not FLAGS["backup_root"].present:
+        FLAGS.backup_root = ""
+    if not FLAGS.report:
+        for path in (FLAGS.output, FLAGS.teacher_dir):
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
 
 
 def main(argv):
     del argv
+    if FLAGS.smoke:
+        apply_smoke()
     if FLAGS.report:
         report()
-        return
-    if FLAGS.smoke:
-        _apply_smoke()
-    study()
+    else:
+        study()
 
 
 if __name__ == "__main__":

@@ -255,13 +255,16 @@ class GraftTrainer:
         Teachers run inside the same compiled step, once per batch with ``data_order="shared"`` (which the mutual
         option needs, so that students compare predictions on the same images), otherwise once per model's batch.
         Logs then carry ``task_loss_k`` and ``distill_loss_k``.
+      shared_initialization: start every model from model 0's initial weights (diversity then comes from the
+        learning rates and data orders alone). With 2 models, the first round of grafting then mixes two related
+        networks instead of averaging two random initialisations, which drops both to chance.
       steps_per_execution: training steps per compiled call (as in Keras' ``compile``): fewer Python round trips
         for small models; batch callbacks then run once per call.
     """
 
     def __init__(self, model_fn, num_models=2, optimizer="sgd", loss=None, metrics=None, grafting=None,
                  strategy=None, lr_spread=False, lr_schedule=None, data_order="per_model", seed=None,
-                 backup_dir=None, distillation=None, steps_per_execution=1):
+                 backup_dir=None, distillation=None, steps_per_execution=1, shared_initialization=False):
         if isinstance(num_models, bool) or int(num_models) != num_models or num_models < 1:
             raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}.")
         if data_order not in DATA_ORDERS:
@@ -290,6 +293,9 @@ class GraftTrainer:
 
         with self.strategy.scope():
             self.models = self._build_models(model_fn)
+            if shared_initialization:
+                for model in self.models[1:]:
+                    model.set_weights(self.models[0].get_weights())
             # Variables created in scope take the chief's initial value on every worker.
             self._data_seed = tf.Variable(data_seed, dtype=tf.int64, trainable=False, name="data_seed")
             self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")

@@ -57,7 +57,7 @@ def main(_):
     y = rng.integers(0, 3, size=48)
     trainer = GraftTrainer(build, 2, optimizer=keras.optimizers.SGD(0.05, momentum=0.9),
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
-                           grafting={"every_n_epochs": 2}, strategy=strategy, lr_spread=True, lr_schedule="cosine",
+                           grafting={"every_n_epochs": 2, "final_graft": True}, strategy=strategy, lr_spread=True, lr_schedule="cosine",
                            seed=7, backup_dir=FLAGS.backup_dir)
     callbacks = [ExitAfterEpoch(FLAGS.exit_after_epoch)] if FLAGS.exit_after_epoch else []
     history = trainer.fit((x, y), epochs=FLAGS.epochs, batch_size=8, validation_data=(x, y), callbacks=callbacks,

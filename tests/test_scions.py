@@ -226,11 +226,14 @@ def data(n=16):
 
 
 class Snapshot(keras.callbacks.Callback):
-    """The model's weights at each epoch end, before the Grafting callback placed after it."""
+    """The model's weights at each epoch's end and begin (placed after Grafting: after the round opening it)."""
 
     def __init__(self):
         super().__init__()
-        self.weights = []
+        self.weights, self.begin = [], []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.begin.append({w.path: w.numpy() for w in self.model.weights})
 
     def on_epoch_end(self, epoch, logs=None):
         self.weights.append({w.path: w.numpy() for w in self.model.weights})
@@ -241,16 +244,18 @@ class FitTest(tf.test.TestCase):
     def test_fit_with_noise_scion(self):
         model = compiled(conv_net(5))
         snapshot = Snapshot()
-        # Every filter is invalid below threshold 1e3, so every convolution kernel gets noise after each epoch.
+        # Every filter is invalid below threshold 1e3, so every convolution kernel gets noise in each round; the
+        # round after epoch 1 opens epoch 2.
         history = model.fit(*data(), batch_size=8, epochs=2, verbose=0,
-                            callbacks=[snapshot, keras_graft.Grafting(peers=scions.NoiseScion(threshold=1e3, seed=0))])
+                            callbacks=[keras_graft.Grafting(peers=scions.NoiseScion(threshold=1e3, seed=0)), snapshot])
         self.assertEqual(history.history["graft_alpha"], [1.0, 1.0])
-        self.assertEqual(history.history["graft_layers"], [4, 4])
+        self.assertEqual(history.history["graft_layers"], [0, 4])
         self.assertEqual(history.history["graft_skipped_layers"], [0, 0])
+        self.assertEqual(history.history["scion_filters"][0], 0)
         for layer, attribute, _ in KERNELS:
-            kernel = kernel_of(model, layer, attribute)
-            self.assertTrue(np.all(kernel.numpy() != snapshot.weights[1][kernel.path]))
-        self.assertAllEqual(model.get_layer("head").kernel.numpy(), snapshot.weights[1]["head/kernel"])
+            path = kernel_of(model, layer, attribute).path
+            self.assertTrue(np.all(snapshot.begin[1][path] != snapshot.weights[0][path]))
+        self.assertAllEqual(snapshot.begin[1]["head/kernel"], snapshot.weights[0]["head/kernel"])
 
 
 class StrategyTest(tf.test.TestCase):
@@ -278,9 +283,9 @@ class StrategyTest(tf.test.TestCase):
         strategy = testing_utils.mirrored_strategy()
         with strategy.scope():
             model = compiled(conv_net(7))
-        history = model.fit(*data(), batch_size=8, epochs=1, verbose=0,
+        history = model.fit(*data(), batch_size=8, epochs=2, verbose=0,
                             callbacks=[keras_graft.Grafting(peers=scions.NoiseScion(threshold=1e3, seed=1))])
-        self.assertEqual(history.history["graft_layers"], [4])
+        self.assertEqual(history.history["graft_layers"], [0, 4])
         # BatchNormalization's moving statistics drift apart between replicas in training; the kernels must not.
         self.assertReplicasEqual(strategy, [kernel_of(model, layer, attribute) for layer, attribute, _ in KERNELS])
 

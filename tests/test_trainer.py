@@ -186,6 +186,13 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "steps_per_execution"):
             make_trainer(2, steps_per_execution=0)
 
+    def test_shared_initialization(self):
+        trainer = make_trainer(3, shared_initialization=True)
+        for model in trainer.models[1:]:
+            self.assertEqual(max_difference(trainer.models[0].get_weights(), model.get_weights()), 0.0)
+        self.assertGreater(max_difference(make_trainer(2).models[0].get_weights(),
+                                          make_trainer(2).models[1].get_weights()), 1e-3)
+
     def test_without_grafting_models_differ(self):
         x, y = tiny_data(32)
         trainer = make_trainer(2)

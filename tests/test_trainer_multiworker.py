@@ -50,7 +50,7 @@ class MultiWorkerTest(tf.test.TestCase):
         self.assertAllEqual(first["iterations"], [12, 12])  # 48 examples, global batch 8, 2 epochs.
         for key in first.files:
             self.assertAllEqual(first[key], second[key], msg=key)
-        # Epoch 2 grafted: with N = 2 both models are equal.
+        # final_graft: the round after the final epoch 2 ran; with N = 2 both models are equal.
         for key in first.files:
             if key.startswith("m0_"):
                 self.assertAllClose(first[key], first[key.replace("m0_", "m1_")], atol=1e-6)
