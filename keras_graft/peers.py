@@ -19,8 +19,9 @@ class PeerSource(abc.ABC):
         """Checks the peers against ``model`` before any weight changes. Default: nothing to check."""
 
     def idle_logs(self):
-        """The logs of an epoch without a round: the keys ``graft_round``'s results log, at their neutral values."""
-        return {"graft_alpha": 1.0, "graft_layers": 0, "graft_skipped_layers": 0}
+        """The logs of an epoch without a round: the keys ``graft_round``'s results log, at their neutral values
+        (alpha 1, spread and peer distance 0, 0 layers), so that CSVLogger sees the same columns every epoch."""
+        return grafting.idle_logs()
 
     @abc.abstractmethod
     def graft_round(self, grafter, round_index):
