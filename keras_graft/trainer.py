@@ -805,8 +805,8 @@ class GraftTrainer:
         for k, result in enumerate(results):
             logs.update({f"{key}_{k}": value for key, value in result.logs().items()})
         if self.grafting.verbose:
-            io_utils.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch {finished_epoch + 1}: "
-                               f"{callbacks_lib.round_summary(logs)}")
+            io_utils.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch {finished_epoch + 1} "
+                               f"(means over the models, layers summed): {callbacks_lib.round_summary(logs)}")
         return logs
 
     def _evaluate(self, distributed_data, callback_list=None):
