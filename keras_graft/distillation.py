@@ -16,7 +16,6 @@ For one model trained with ``model.fit`` use Keras' own ``keras.distillation.Dis
 with ``Grafting(peers, model=distiller.student)``.
 """
 
-import math
 import os
 
 import keras
@@ -61,16 +60,10 @@ class Distillation:
 
     def __init__(self, teachers=(), temperature=2.0, weight=1.0, mutual=False, mutual_weight=None,
                  from_logits=True):
-        for name, value in (("temperature", temperature), ("weight", weight), ("mutual_weight", mutual_weight)):
-            checks.number("Distillation", name, value, allow_none=name == "mutual_weight")
-        if not temperature > 0 or not math.isfinite(temperature):
-            raise ValueError(f"Distillation temperature must be > 0 and finite, got temperature={temperature!r}.")
-        if not (weight >= 0 and math.isfinite(weight)):
-            raise ValueError(f"Distillation weight must be >= 0 and finite, got weight={weight!r}.")
-        mutual_weight = weight if mutual_weight is None else mutual_weight
-        if not (mutual_weight >= 0 and math.isfinite(mutual_weight)):
-            raise ValueError(f"Distillation mutual_weight must be >= 0 and finite, got "
-                             f"mutual_weight={mutual_weight!r}.")
+        temperature = checks.number("Distillation", "temperature", temperature, minimum=0, open_minimum=True)
+        weight = checks.number("Distillation", "weight", weight, minimum=0)
+        mutual_weight = weight if mutual_weight is None else checks.number("Distillation", "mutual_weight",
+                                                                           mutual_weight, minimum=0)
         mutual = checks.boolean("Distillation", "mutual", mutual)
         from_logits = checks.boolean("Distillation", "from_logits", from_logits)
         if isinstance(teachers, (keras.Model, str, os.PathLike)):
