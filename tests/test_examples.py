@@ -175,8 +175,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         result = _script("plot_filters.py", f"--weights={','.join(weights)}", f"--output={png}")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("baseline: resnet8_w2, 30 filters", result.stdout)
-        self.assertIn("graft lr_spread schedule=cosine model 0: resnet8_w2", result.stdout)
-        self.assertIn("graft lr_spread schedule=cosine model 1: resnet8_w2", result.stdout)
+        self.assertIn("graft schedule=cosine lr_spread model 0: resnet8_w2", result.stdout)
+        self.assertIn("graft schedule=cosine lr_spread model 1: resnet8_w2", result.stdout)
 
     def test_plot_filters_with_model_flags_and_logs(self):
         png = os.path.join(self.dir, "filters_flags.png")
