@@ -9,6 +9,7 @@ import abc
 
 import keras
 
+from keras_graft import checks
 from keras_graft import grafting
 
 
@@ -38,9 +39,10 @@ class ModelPeers(PeerSource):
         models = list(models)
         if not models:
             raise ValueError("Grafting needs at least one peer model.")
-        for peer in models:
+        for k, peer in enumerate(models):
             if not isinstance(peer, keras.Model):
-                raise TypeError(f"Peers must be Keras models or a PeerSource, got {type(peer).__name__}.")
+                raise TypeError(f"Peers must be Keras models or a PeerSource, got peer {k} = "
+                                f"{checks.shown(peer)} (a {type(peer).__name__}).")
         self.models = models
 
     def setup(self, model):
@@ -63,4 +65,5 @@ def get(peers):
         return ModelPeers([peers])
     if isinstance(peers, (list, tuple)):
         return ModelPeers(peers)
-    raise TypeError(f"peers must be a Keras model, a list of models or a PeerSource, got {type(peers).__name__}.")
+    raise TypeError(f"peers must be a Keras model, a list of models or a PeerSource, got {checks.shown(peers)} "
+                    f"(a {type(peers).__name__}).")

@@ -59,6 +59,9 @@ class PeerEnsemble(keras.Model):
         super().__init__(**kwargs)
         if output_activation not in (None, "softmax", "sigmoid"):
             raise ValueError(f"output_activation must be None, 'softmax' or 'sigmoid', got {output_activation!r}.")
+        if not isinstance(peers, (list, tuple)) or not peers or not all(isinstance(p, keras.Model) for p in peers):
+            raise TypeError(f"PeerEnsemble: peers must be a non-empty list of Keras models, got "
+                            f"{checks.shown(peers)}.")
         self.peers = list(peers)
         self.output_activation = output_activation
         self.built = all(peer.built for peer in self.peers)

@@ -170,8 +170,11 @@ class GraftingCallbackTest(tf.test.TestCase):
             model.fit(*data(), epochs=1, verbose=0, callbacks=[keras_graft.Grafting([model])])
         with self.assertRaisesRegex(ValueError, "has no peers"):
             model.fit(*data(), epochs=1, verbose=0, callbacks=[keras_graft.Grafting()])
-        with self.assertRaisesRegex(TypeError, "peers must be"):
+        with self.assertRaisesRegex(TypeError, "peers must be a Keras model, a list of models or a PeerSource, "
+                                               "got 'model'"):
             keras_graft.Grafting("model")
+        with self.assertRaisesRegex(TypeError, "got peer 1 = 3"):
+            keras_graft.Grafting([small_net(2), 3])
 
     def test_bad_types_name_the_argument(self):
         peer = small_net(2)

@@ -100,6 +100,19 @@ class LearningRateTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(first, np.array([0.05, 0.1]) * 0.5, atol=1e-6)
         self.assertAllClose([history.history[f"learning_rate_{k}"][1] for k in range(2)], [0.0, 0.0], atol=1e-7)
 
+    def test_schedule_arguments_are_named(self):
+        with self.assertRaisesRegex(TypeError, "CosineAnnealing: alpha must be a number, got '0'"):
+            schedules.CosineAnnealing(0.1, 10, 5, alpha="0")
+        with self.assertRaisesRegex(TypeError, "StepDecay: every_epochs must be an integer, got '60'"):
+            schedules.StepDecay(0.1, "60")
+        with self.assertRaisesRegex(TypeError, "StepDecay: milestones must be a list of epochs, got '60'"):
+            schedules.StepDecay(0.1, None, milestones="60")
+        with self.assertRaisesRegex(TypeError, "StepDecay: initial_learning_rate must be a number, got None"):
+            schedules.StepDecay(None, 60)
+        self.assertEqual(schedules.StepDecay(0.1, None, milestones=np.array([2, 5])).milestones, [2, 5])
+        with self.assertRaisesRegex(TypeError, "PeerEnsemble: peers must be a non-empty list of Keras models"):
+            PeerEnsemble("peers")
+
     def test_step_schedule_spec(self):
         factory = schedules.schedule_factory({"name": "step", "every_epochs": 1, "factor": 0.5}, 10, 2)
         self.assertAllClose(float(factory(0.4)(5)), 0.4 * 0.5**2)
