@@ -32,8 +32,9 @@ class Grafting(keras.callbacks.Callback):
     did, so CSVLogger sees the same columns every epoch); put it before CSVLogger or TensorBoard in the callback
     list so they record these values:
 
-    * ``graft_alpha`` (1): the mean coefficient alpha of the model's own weights over the grafted layers. With
-      one peer that grafts back (a 2-model ring), alpha_peer = 1 - alpha, so this is the only model-specific one.
+    * ``graft_alpha`` (1): the mean coefficient alpha of this model's own weights over the grafted layers. When
+      the peer grafts this model back (a 2-model ring), the peer's alpha is 1 - alpha, so averaged over both
+      models it is 0.5 by construction: compare models through the keys below.
     * ``graft_alpha_spread`` (0): the mean |alpha - 0.5| over the grafted layers: how unequal the mix was; 0 is a
       plain average, the maximum is a / 2.
     * ``graft_peer_distance`` (0): ||W - W_peer|| / ||W|| over the grafted trainable weights, before the round:

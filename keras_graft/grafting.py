@@ -233,12 +233,6 @@ class GraftResult:
             f"{prefix}_skipped_layers": len(self.skipped),
         }
 
-    def summary(self):
-        """One line for ``verbose`` output."""
-        line = (f"alpha {self.mean_alpha:.3f}, |alpha - 0.5| {self.alpha_spread:.3f}, peer distance "
-                f"{self.peer_distance:.3f}, {len(self.group_names) - len(self.skipped)} layers")
-        return line + (f" ({len(self.skipped)} skipped: non-finite peer weights)" if self.skipped else "")
-
     def warn_skipped(self, label):
         for name in self.skipped:
             logging.warning("Grafting %s: peer weights of layer '%s' are not finite (NaN or Inf); the layer "
