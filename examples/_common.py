@@ -15,11 +15,13 @@ A config is checked in two passes, both before any training:
 
 import csv
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import math
 import os
 import re
+import textwrap
 import time
 
 import keras
@@ -149,10 +151,12 @@ def _positive_int(value, flag, allow_none=False):
         raise ConfigError(f"--{flag} must be a positive integer, got {value!r}.")
 
 
-def resolve(cfg):
+def resolve(cfg, check_files=True):
     """A copy of ``cfg`` with the method's defaults filled in; raises ConfigError on bad or contradictory settings.
 
-    Runs no TensorFlow op.
+    Runs no TensorFlow op. ``check_files=False`` skips the check that the teacher file exists (to compare the
+    configs of old runs). The default output folder is named after every setting that changes the run
+    (:func:`run_name`).
     """
     cfg = dataclasses.replace(cfg)
     if cfg.method not in METHODS:
@@ -272,7 +276,7 @@ def resolve(cfg):
                               "one with --method=baseline --save_model=path/to/teacher.keras).")
         if not cfg.teacher.endswith(".keras"):
             raise ConfigError(f"--teacher must be a Keras model file ending in .keras, got {cfg.teacher!r}.")
-        if not os.path.isfile(cfg.teacher):
+        if check_files and not os.path.isfile(cfg.teacher):
             raise ConfigError(f"Teacher file {cfg.teacher!r} not found. Train a teacher first with "
                               f"--method=baseline --save_model={cfg.teacher}.")
 
@@ -293,10 +297,167 @@ def resolve(cfg):
     if cfg.save_model is not None and not cfg.save_model.endswith(".keras"):
         raise ConfigError(f"--save_model must end in .keras (Keras' model format), got {cfg.save_model!r}.")
     if cfg.output is None:
-        cfg.output = os.path.join("runs", f"{method}_{cfg.model}_{cfg.dataset}", RESULTS_FILE)
+        cfg.output = os.path.join("runs", run_name(cfg), RESULTS_FILE)
     if cfg.log_dir is None:
         cfg.log_dir = os.path.join(os.path.dirname(cfg.output) or ".", "logs")
     return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Telling runs apart: output folders, overwrite checks, labels, warnings
+# ---------------------------------------------------------------------------------------------------------------
+
+#: Settings that say where files go, not what the run does.
+LOCATION_FIELDS = ("output", "log_dir", "tensorboard", "backup_dir", "save_model", "data_dir")
+#: Settings that the start of a run's name (method, network label, dataset) already says.
+_NAMED_FIELDS = ("method", "model", "depth", "width", "dataset")
+_MAX_NAME = 150
+
+
+def run_settings(cfg):
+    """{setting: value} of everything that changes what a run does (every field but :data:`LOCATION_FIELDS`)."""
+    values = cfg.to_dict() if isinstance(cfg, Config) else dict(cfg)
+    defaults = Config().to_dict()
+    return {key: values.get(key, defaults[key]) for key in defaults if key not in LOCATION_FIELDS}
+
+
+def _method_defaults(cfg):
+    """The resolved config of ``cfg``'s method, network and dataset with every other setting at its default."""
+    base = Config(method=cfg.method, model=cfg.model, depth=cfg.depth, width=cfg.width, dataset=cfg.dataset,
+                  output=os.devnull, log_dir=os.devnull)
+    if cfg.method in _GRAFT_METHODS:
+        base.source = cfg.source
+    if cfg.method == "cultivate":
+        base.teacher = cfg.teacher
+    return resolve(base, check_files=False)
+
+
+def changed_settings(cfg):
+    """[(setting, value)] of a resolved config where it differs from its method's defaults, in field order.
+
+    A scion source (--source=noise|internal) and a teacher count as changes; a scion's own settings are compared
+    with the source's defaults."""
+    defaults = run_settings(_method_defaults(cfg))
+    if cfg.method in _GRAFT_METHODS:
+        defaults["source"] = "external"
+    defaults["teacher"] = None  # The teacher has no default: it always tells cultivation runs apart.
+    return [(key, value) for key, value in run_settings(cfg).items() if value != defaults[key]]
+
+
+def _setting_text(key, value):
+    """A setting as a short token: epochs=3, lr=0.05, lr_spread, no_validate, teacher=<file stem>_<path hash>."""
+    if isinstance(value, bool):
+        return key if value else f"no_{key}"
+    if key == "teacher" and value:
+        stem = os.path.basename(str(value)).split(".")[0]
+        digest = hashlib.sha1(os.path.abspath(str(value)).encode()).hexdigest()[:6]
+        return f"teacher={stem}_{digest}"
+    if isinstance(value, float):
+        return f"{key}={value:g}"
+    return f"{key}={value}"
+
+
+def run_name(cfg):
+    """The default folder name of a resolved config: ``<method>_<network>_<dataset>``, then every other setting
+    that differs from the method's defaults (``graft_resnet20_w8_fashion_mnist_local-epochs=2-graft_every=3``); a
+    hash of those settings instead when the name would be long. Two configs that run differently never share it."""
+    base = f"{cfg.method}_{model_spec(cfg).label}_{cfg.dataset}"
+    changed = [(key, value) for key, value in changed_settings(cfg) if key not in _NAMED_FIELDS]
+    if not changed:
+        return base
+    tokens = [re.sub(r"[^\w.+=-]", "_", _setting_text(key, value)) for key, value in changed]
+    name = "-".join([base] + tokens)
+    if len(name) <= _MAX_NAME:
+        return name
+    digest = hashlib.sha1(json.dumps(changed, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{base}-{digest}"
+
+
+def _config_from_dict(values):
+    """A Config from a results JSON's ``config`` (fields it does not know are dropped, missing ones default)."""
+    fields = Config.__dataclass_fields__
+    return Config(**{key: value for key, value in values.items() if key in fields})
+
+
+def check_output(cfg):
+    """Raises ConfigError when ``cfg.output`` holds the results of a run with other settings (naming both)."""
+    if not os.path.exists(cfg.output):
+        return
+    try:
+        with open(cfg.output) as f:
+            previous = json.load(f)["config"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{cfg.output} exists but is not the results of a train.py run ({type(e).__name__}: {e}); "
+                          "pass another --output or delete it.") from e
+    ours, theirs = run_settings(cfg), run_settings(previous)
+    differences = [key for key in ours if ours[key] != theirs[key]]
+    if not differences:
+        return
+    try:
+        theirs_text = describe(_config_from_dict(previous))
+    except (ConfigError, TypeError, ValueError, KeyError):
+        theirs_text = "(unreadable configuration)"
+    changes = ", ".join(f"--{key}={theirs[key]!r} there, {ours[key]!r} here" for key in differences)
+    raise ConfigError(
+        f"{os.path.dirname(os.path.abspath(cfg.output))} holds a run of another configuration; this run would "
+        f"overwrite it.\n  there: {theirs_text}\n  here:  {describe(cfg)}\n  differences: {changes}.\nPass "
+        "another --output (or leave --output out: the default folder is named after the settings), or delete the "
+        "old folder.")
+
+
+def graft_rounds(cfg):
+    """How many graft (or scion) rounds a resolved config runs; None for methods that do not graft."""
+    if cfg.method not in _GRAFT_METHODS:
+        return None
+    if cfg.source == "external":  # Between epochs, none after the final one (keras_graft.Grafting).
+        timing = keras_graft.Grafting(every_n_epochs=cfg.graft_every)
+        return sum(1 for epoch in range(cfg.epochs - 1) if timing.round_due(epoch))
+    return sum(1 for epoch in range(cfg.epochs) if ScionCallback.round_due(epoch, cfg.graft_every))
+
+
+def run_warnings(cfg, steps_per_epoch=None):
+    """Messages about a resolved config that will run but not do what its method is for."""
+    messages = []
+    rounds = graft_rounds(cfg)
+    if rounds == 0:
+        if cfg.source == "external":
+            messages.append(
+                f"--graft_every={cfg.graft_every} with --epochs={cfg.epochs}: no graft will happen. A round runs "
+                f"between two epochs, after epochs {cfg.graft_every}, {2 * cfg.graft_every}, ..., and none follows "
+                f"the final epoch; use --epochs={cfg.graft_every + 1} or more, or a smaller --graft_every.")
+        else:
+            messages.append(
+                f"--graft_every={cfg.graft_every} with --epochs={cfg.epochs}: no scion will be grafted (rounds "
+                f"run after epochs {cfg.graft_every}, {2 * cfg.graft_every}, ...); use --epochs={cfg.graft_every} "
+                "or more.")
+    if cfg.method == "repr":
+        units = cfg.epochs * (steps_per_epoch or 0) if cfg.repr_unit == "step" else cfg.epochs
+        if (cfg.repr_unit == "epoch" or steps_per_epoch) and units <= cfg.repr_s1:
+            messages.append(
+                f"--repr_s1={cfg.repr_s1} {cfg.repr_unit}s of full training come before RePr's first drop, but the "
+                f"run has {units} {cfg.repr_unit}s: RePr will drop no filter. Use a smaller --repr_s1 or more "
+                "--epochs.")
+    return messages
+
+
+def run_labels(configs):
+    """Labels telling runs apart: each run's method, then the settings in which the runs differ (where they
+    differ from the method's defaults): ``graft lr_spread``, ``graft graft_every=3``."""
+    configs = [resolve(_config_from_dict(c) if not isinstance(c, Config) else c, check_files=False)
+               for c in configs]
+    settings = [run_settings(c) for c in configs]
+    varying = {key for key in settings[0] if any(s[key] != settings[0][key] for s in settings)}
+    labels = []
+    for cfg in configs:
+        tokens = [cfg.method]
+        if varying & {"model", "depth", "width"}:
+            tokens.append(model_spec(cfg).label)
+        if "dataset" in varying:
+            tokens.append(cfg.dataset)
+        tokens += [_setting_text(key, value) for key, value in changed_settings(cfg)
+                   if key in varying and key not in _NAMED_FIELDS]
+        labels.append(" ".join(tokens))
+    return labels
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,8 +567,13 @@ class ScionCallback(keras.callbacks.Callback):
         self.strategy = strategy
         self.every = every
 
+    @staticmethod
+    def round_due(epoch, every):
+        """Whether a round follows (0-based) epoch ``epoch``: after epochs every, 2 * every, ..., the last included."""
+        return (epoch + 1) % every == 0
+
     def on_epoch_end(self, epoch, logs=None):
-        if (epoch + 1) % self.every:
+        if not self.round_due(epoch, self.every):
             counts = [0] * len(self.models_)
         else:
             with self.strategy.scope():
@@ -419,14 +585,21 @@ class ScionCallback(keras.callbacks.Callback):
 
 
 class EpochLogger(keras.callbacks.Callback):
-    """One readable line per epoch through ``log`` (loss, accuracies, ensemble, graft alpha, invalid filters)."""
+    """One readable line per epoch through ``log``: loss, accuracies, ensemble, the graft that opened the epoch
+    (``graft |a-0.5|``: ``graft_alpha_spread``, ``peer dist``: ``graft_peer_distance``; see keras_graft.grafting),
+    invalid filters.
 
-    def __init__(self, log, epochs, num_models, prefix=""):
+    ``val_images``: how many test images the per-epoch test accuracy uses, when that is a subset of the final
+    evaluation's (the line then says so).
+    """
+
+    def __init__(self, log, epochs, num_models, prefix="", val_images=None):
         super().__init__()
         self.log = log
         self.epochs = epochs
         self.num_models = num_models
         self.prefix = prefix
+        self.val_images = val_images
         self.seconds = []
         self._start = None
 
@@ -451,10 +624,15 @@ class EpochLogger(keras.callbacks.Callback):
             parts.append(f"acc {train_acc}")
         val_acc = per_model("val_accuracy")
         if val_acc:
-            parts.append(f"test acc {val_acc}" + (f" (ensemble {logs['val_accuracy_ensemble']:.4f})"
-                                                  if n > 1 and "val_accuracy_ensemble" in logs else ""))
-        if "graft_alpha" in logs:
-            parts.append(f"graft alpha {logs['graft_alpha']:.3f}")
+            which = f" (first {self.val_images} imgs)" if self.val_images else ""
+            parts.append(f"test acc{which} {val_acc}" + (f" (ensemble {logs['val_accuracy_ensemble']:.4f})"
+                                                         if n > 1 and "val_accuracy_ensemble" in logs else ""))
+        if "graft_alpha_spread" in logs and "scion_filters" not in logs:
+            if logs.get("graft_layers", 0):
+                parts.append(f"graft |a-0.5| {logs['graft_alpha_spread']:.3f} peer dist "
+                             f"{logs['graft_peer_distance']:.3f}")
+            else:
+                parts.append("no graft")
         if "scion_filters" in logs:
             parts.append(f"scion filters {logs['scion_filters']}")
         if "repr_phase" in logs or "repr_phase_0" in logs:
@@ -553,8 +731,8 @@ def _data(cfg, dsinfo, strategy):
         if cfg.val_subset is not None and cfg.val_subset != cfg.test_subset:
             validation = datasets.load(cfg.dataset, dsinfo.test_split, batch_size=eval_batch, subset=cfg.val_subset,
                                        image_size=cfg.image_size, data_dir=cfg.data_dir)
-    except datasets.DatasetUnavailableError as e:
-        raise ConfigError(str(e)) from e
+    except datasets.DatasetUnavailableError as e:  # Reworded for the flags the scripts have.
+        raise ConfigError(e.message_for(data_dir="--data_dir=DIR", download=None)) from e
     return train_fn, steps, examples, test, validation
 
 
@@ -591,22 +769,27 @@ def describe(cfg):
             f"weight decay {cfg.weight_decay:g}")
 
 
-def run(cfg, log=logging.info, strategy=None):
+def run(cfg, log=logging.info, strategy=None, overwrite=False):
     """Trains the experiment ``cfg`` and returns its results (also written to ``cfg.output`` as JSON).
 
-    Everything that can fail on bad input fails before the first training step, with a ConfigError.
+    Everything that can fail on bad input fails before the first training step, with a ConfigError; that
+    includes an output folder that holds a run of another configuration (unless ``overwrite``). Settings that
+    will run but not do what the method is for (no graft round at all) are logged as warnings.
     ``strategy``: an existing tf.distribute strategy instead of creating ``cfg.strategy``.
     """
     cfg = resolve(cfg)
     if strategy is None:
         strategy = strategies.get(cfg.strategy)  # First: MultiWorkerMirroredStrategy must exist before any op.
     chief = is_chief(strategy)
+    if chief and not overwrite:
+        check_output(cfg)
     dsinfo = datasets.info(cfg.dataset, image_size=cfg.image_size)
     spec = model_spec(cfg, dsinfo)
     if cfg.method == "cultivate":
         _check_teacher(cfg.teacher, spec)
     out_dir = os.path.dirname(os.path.abspath(cfg.output))
     log(describe(cfg))
+    log(f"Output folder: {out_dir}")
 
     kwargs = {}
     if cfg.method in _GRAFT_METHODS and cfg.source == "external":
@@ -629,6 +812,8 @@ def run(cfg, log=logging.info, strategy=None):
         raise ConfigError(f"Cannot build {cfg.num_models} x --model={cfg.model} for {cfg.dataset} inputs of shape "
                           f"{tuple(spec.input_shape)}.{hint} The error: {message}") from e
     train_fn, steps, examples, test, validation = _data(cfg, dsinfo, strategy)
+    for message in run_warnings(cfg, steps):
+        logging.warning(message)
     filters_per_model = criteria.invalid_filters(trainer.models[0], THRESHOLDS[0]).total
     log(f"{spec.label}: {trainer.models[0].count_params():,} weights, {filters_per_model} filters per model; "
         f"{examples} training images, {steps} steps per epoch, {strategy.num_replicas_in_sync} replica(s).")
@@ -649,7 +834,9 @@ def run(cfg, log=logging.info, strategy=None):
         else:
             scions = [keras_graft.InternalScion(threshold=cfg.threshold) for _ in range(cfg.num_models)]
         callbacks.append(ScionCallback(scions, trainer.models, strategy, cfg.graft_every))
-    progress = EpochLogger(log, cfg.epochs, cfg.num_models)
+    test_size = min(cfg.test_subset or dsinfo.test_size, dsinfo.test_size)
+    val_size = min(cfg.val_subset or test_size, dsinfo.test_size)
+    progress = EpochLogger(log, cfg.epochs, cfg.num_models, val_images=val_size if val_size < test_size else None)
     callbacks.append(progress)
     log_csv = None
     if chief:
@@ -790,7 +977,7 @@ def _accuracy_columns(columns):
     return None, []
 
 
-def plot_filters(entries, output, logs=(), threshold=0.1, title=None, summary=None):
+def plot_filters(entries, output, logs=(), threshold=0.1, title=None, summary=None, curves_note=None):
     """Writes a PNG comparing the filters of several trained models.
 
     Panels: (a) histogram of every convolution filter's L1 norm per model (log scale, invalid thresholds 0.1 and
@@ -804,6 +991,7 @@ def plot_filters(entries, output, logs=(), threshold=0.1, title=None, summary=No
       threshold: the L1 norm below which a filter counts as invalid, for the per-layer bars.
       title: figure title.
       summary: extra text lines for the summary panel (e.g. test accuracies).
+      curves_note: a note written under the accuracy curves (e.g. why some of them coincide).
     """
     import matplotlib
 
@@ -908,6 +1096,9 @@ def plot_filters(entries, output, logs=(), threshold=0.1, title=None, summary=No
     else:
         ax_curves.text(0.5, 0.5, "no training logs given", ha="center", va="center", transform=ax_curves.transAxes)
     ax_curves.set_title("(e) Accuracy during training")
+    if curves_note and ylabel:
+        ax_curves.text(0.02, 0.02, textwrap.fill(curves_note, 70), ha="left", va="bottom", fontsize=7,
+                       transform=ax_curves.transAxes, bbox=dict(facecolor="white", alpha=0.8, edgecolor="0.8"))
 
     # (f) Summary.
     lines = []

@@ -1,8 +1,11 @@
 """Compares the filters of two or more trained models (e.g. baseline vs grafted) in one PNG, as the papers' figures.
 
-    python examples/plot_filters.py \\
-        --weights=runs/baseline_resnet32_cifar10/model_0.weights.h5,runs/graft_resnet32_cifar10/model_0.weights.h5 \\
-        --labels=baseline,graft --output=runs/filters.png
+    python examples/plot_filters.py --output=runs/filters.png \\
+        --weights=runs/baseline_resnet32_cifar10/model_0.weights.h5,runs/graft_resnet32_cifar10/model_0.weights.h5
+
+Each model is labelled by its run's configuration (from the results.json next to its weights): the method, then
+the settings in which the compared runs differ (``graft lr_spread``, ``graft graft_every=3``), then the model's
+index for runs of several models; --labels overrides them.
 
 Panels: the L1 norms of every convolution filter (histogram on a log scale, with the invalid thresholds 0.1 and
 0.01), their distribution per model (violins, log scale, with each layer's smallest filter), the invalid filters
@@ -28,7 +31,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 flags.DEFINE_list("weights", None, "Comma-separated .weights.h5 files (model_<k>.weights.h5 of examples/train.py).")
-flags.DEFINE_list("labels", None, "One label per weights file (default: the run folder and model index).")
+flags.DEFINE_list("labels", None, "One label per weights file (default: from each run's results.json, the method "
+                  "and the settings in which the runs differ, e.g. 'graft lr_spread', plus the model index of runs "
+                  "with several models).")
 flags.DEFINE_string("output", "filters.png", "PNG to write.")
 flags.DEFINE_string("model", None, "Network of the weights (default: from the results.json next to each file).")
 flags.DEFINE_integer("depth", None, "Depth override, as in train.py.")
@@ -81,6 +86,27 @@ def _spec_for(path):
     return spec, results
 
 
+def _run_labels(paths, results):
+    """A label per weights file telling the runs apart by their configuration (method and the settings in
+    which the runs differ, from each run's results.json); the run folder's name for files without one."""
+    folders = [os.path.basename(os.path.dirname(os.path.abspath(p))) for p in paths]
+    known = [i for i, r in enumerate(results) if r and "config" in r]
+    labels = list(folders)
+    if known:
+        try:
+            for i, label in zip(known, _common.run_labels([results[i]["config"] for i in known])):
+                labels[i] = label
+        except (_common.ConfigError, TypeError, ValueError) as e:
+            logging.warning("Cannot label the runs by their configuration (%s); using their folders.", e)
+    return labels
+
+
+def _model_label(path, run_label, results):
+    """The run's label, with the model's index when the run trained several models."""
+    several = results is None or results.get("num_models", 1) > 1
+    return f"{run_label} {os.path.basename(path).split('.')[0].replace('_', ' ')}" if several else run_label
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
@@ -90,16 +116,17 @@ def main(argv):
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise _error(f"Weights file(s) not found: {', '.join(missing)}.")
-    labels = FLAGS.labels or [
-        f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{os.path.basename(p).split('.')[0]}" for p in paths]
-    if len(labels) != len(paths):
-        raise _error(f"{len(labels)} labels for {len(paths)} weights files.")
+    if FLAGS.labels and len(FLAGS.labels) != len(paths):
+        raise _error(f"{len(FLAGS.labels)} labels for {len(paths)} weights files.")
     if not FLAGS.output.lower().endswith(".png"):
         raise _error(f"--output must be a .png file, got {FLAGS.output!r}.")
 
+    specs = [_spec_for(path) for path in paths]
+    run_labels = _run_labels(paths, [results for _, results in specs])
+    labels = FLAGS.labels or [_model_label(path, label, results) for path, label, (_, results)
+                              in zip(paths, run_labels, specs)]
     entries, logs = [], []
-    for path, label in zip(paths, labels):
-        spec, results = _spec_for(path)
+    for path, label, run_label, (spec, results) in zip(paths, labels, run_labels, specs):
         try:
             model = _common.load_trained(path, spec)
         except _common.ConfigError as e:
@@ -110,8 +137,7 @@ def main(argv):
         print(f"{label}: {spec.label}, {sum(n.size for _, n in norms)} filters; invalid: {counts}", flush=True)
         if FLAGS.logs is None and results and results.get("log_csv"):
             if results["log_csv"] not in [p for _, p in logs]:
-                run_name = os.path.basename(os.path.dirname(os.path.abspath(path)))
-                logs.append((run_name, results["log_csv"]))
+                logs.append((run_label, results["log_csv"]))
     if FLAGS.logs and FLAGS.logs != ["none"]:
         missing = [p for p in FLAGS.logs if not os.path.isfile(p)]
         if missing:

@@ -10,6 +10,10 @@ stage) twice, with the same budget per model (SGD with momentum, cosine annealin
 2. grafting: two models that train side by side, with learning rates spread as in the paper, and graft each
    other's weights (entropy criterion, layer level) at the end of every epoch.
 
+Each epoch prints one line; its test accuracy is measured on the first --val_subset test images (2000), to keep
+epochs short, while the final table uses all --test_subset images (all 10000 by default). The grafting lines also
+show the round that opened the epoch: |a-0.5| (how unequal the mix was) and the peers' distance before it.
+
 Then prints a table (test accuracy per model and of the ensemble, invalid filters with L1 norm below 0.1 and 0.01)
 and writes, under --output_dir (default runs/quickstart): filters.png (the filters' L1 norms and the accuracy
 curves), results.json (both runs), and each run's weights and CSV log in baseline/ and graft/.
@@ -36,10 +40,12 @@ import _common  # noqa: E402
 from keras_graft import datasets  # noqa: E402
 
 flags.DEFINE_string("output_dir", os.path.join("runs", "quickstart"), "Where to write the plot, results and weights.")
-flags.DEFINE_bool("tiny", False, "A tiny run (ResNet-8 of width 4, 512 images, 1 epoch) that checks every step.")
+flags.DEFINE_bool("tiny", False, "A tiny run (ResNet-8 of width 4, 512 images, 2 epochs: one graft round) that "
+                  "checks every step.")
 flags.DEFINE_string("model", None, "Network (default resnet20; resnet8 with --tiny).")
 flags.DEFINE_integer("width", None, "Filters of the ResNet's first stage (default 8; 4 with --tiny).")
-flags.DEFINE_integer("epochs", None, "Epochs per model (default 6; 1 with --tiny).")
+flags.DEFINE_integer("epochs", None, "Epochs per model (default 6; 2 with --tiny). A graft round runs between two "
+                     "epochs, so 1 epoch grafts nothing.")
 flags.DEFINE_integer("train_subset", None, "Training images: the first N of the training split (default 8192).")
 flags.DEFINE_integer("test_subset", None, "Test images for the final table (default all 10000).")
 flags.DEFINE_integer("val_subset", None, "Test images evaluated after every epoch for the curves (default 2000).")
@@ -49,7 +55,7 @@ flags.DEFINE_integer("seed", 0, "Seed of the initialisation, data order and augm
 FLAGS = flags.FLAGS
 
 _DEFAULTS = dict(model="resnet20", width=8, epochs=6, train_subset=8192, test_subset=None, val_subset=2000)
-_TINY = dict(model="resnet8", width=4, epochs=1, train_subset=512, test_subset=512, val_subset=256)
+_TINY = dict(model="resnet8", width=4, epochs=2, train_subset=512, test_subset=512, val_subset=256)
 
 
 def say(message=""):
@@ -95,33 +101,42 @@ def main(argv):
         runs = [(name, _common.resolve(cfg)) for name, cfg in runs]
     except _common.ConfigError as e:
         raise _common.ScriptError("quickstart.py", str(e)) from e
+    final_images = f"the first {settings['test_subset']}" if settings["test_subset"] else "all 10000"
+    epoch_images = settings["val_subset"] or settings["test_subset"]
     say(f"Training {settings['model']} (width {settings['width']}) on {settings['train_subset']} images for "
         f"{settings['epochs']} epoch{'s' if settings['epochs'] != 1 else ''}: a baseline, then 2 models grafting. "
-        "Each line is one epoch.\n")
+        f"Each line is one epoch; its test accuracy uses "
+        + (f"the first {epoch_images} test images" if epoch_images else "all 10000 test images")
+        + f", the final table {final_images}.\n")
 
     results = {}
     for index, (name, cfg) in enumerate(runs, 1):
         say(f"[{index}/{len(runs)}] {name}")
-        try:
-            results[name] = _common.run(cfg, log=lambda line, name=name: say(f"  {line}"))
+        try:  # The quick start owns its output folder: a new run replaces the whole of it.
+            results[name] = _common.run(cfg, log=lambda line, name=name: say(f"  {line}"), overwrite=True)
         except _common.ConfigError as e:
             raise _common.ScriptError("quickstart.py", str(e)) from e
         say(f"  done in {results[name]['fit_seconds']:.0f} s\n")
 
     baseline, graft = results["baseline"], results["graft"]
-    test_images = f"{settings['test_subset']} test images" if settings["test_subset"] else "the 10000 test images"
-    say(f"Test accuracy on {test_images}, and filters whose L1 norm is below 0.1 / 0.01 (invalid filters):\n")
+    say(f"Test accuracy on {final_images} test images (not the per-epoch subset), and filters whose L1 norm is "
+        "below 0.1 / 0.01 (invalid filters):\n")
     say(_common.format_table([baseline, graft], ["baseline", "graft"]))
     gain = 100 * (graft["mean_accuracy"] - baseline["mean_accuracy"])
+    rounds = sum(1 for layers in graft["history"].get("graft_layers", []) if layers)
     say("")
+    if not rounds:
+        say(textwrap.fill("No graft round ran: rounds run between epochs (none follows the final one), so the "
+                          "'graft' models trained independently. Use --epochs=2 or more.", width=100))
     say(textwrap.fill(
         f"Grafting vs baseline: {gain:+.2f} points of test accuracy per model (one seed of a short run: expect "
-        "differences of a point or so from the seed alone). With 2 models, each graft leaves both with the same "
-        "weights (their coefficients add up to 1), so after the last epoch's graft the two models and their "
-        "ensemble agree. The first graft averages two differently initialised networks, so after epoch 1 the "
-        "grafted models start again from near chance (the reference code does the same): over the papers' 200 "
-        "epochs that costs little, in a run this short it costs about an epoch. Runs this short also leave few or "
-        "no invalid filters; the papers count them after 200 epochs "
+        "differences of a point or so from the seed alone). Why the two grafted models (and their ensemble) score "
+        "almost alike: with 2 models, model 1's coefficients are 1 minus model 0's (arctan is odd), so each graft "
+        "leaves both with the same weights; they differ only by the training since the last graft (one epoch, "
+        "each with its own learning rate and data order; no graft follows the final epoch). The first graft "
+        "averages two differently initialised networks, so epoch 2 starts from near chance (the reference code "
+        "does the same): over the papers' 200 epochs that costs little, in a run this short it costs about an "
+        "epoch. Runs this short also leave few or no invalid filters; the papers count them after 200 epochs "
         "(ResNet-32 on CIFAR-10: 36 of 1136 filters below 0.1 for the baseline, 14 after grafting).", width=100))
 
     png = os.path.join(out, "filters.png")
@@ -140,9 +155,12 @@ def main(argv):
         summary += [f"  {label} model {k}: {100 * acc:.2f}%" for label, r in (("baseline", baseline), ("graft", graft))
                     for k, acc in enumerate(r["test_accuracy"])]
         summary.append(f"  graft ensemble: {100 * graft['ensemble_accuracy']:.2f}%")
+        curves_note = ("graft: each graft leaves models 0 and 1 equal (2 models: alpha_1 = 1 - alpha_0), so they "
+                       "differ by one epoch of training and their curves and the ensemble's nearly coincide. "
+                       f"Per-epoch accuracy on {epoch_images or 10000} test images.")
         _common.plot_filters(entries, png, logs=[("baseline", baseline["log_csv"]), ("graft", graft["log_csv"])],
                              title=f"Quick start: {baseline['model']} on Fashion-MNIST, baseline vs 2-model grafting",
-                             summary=summary)
+                             summary=summary, curves_note=curves_note)
     wall = time.perf_counter() - start
     summary_path = os.path.join(out, "results.json")
     _common.write_json(summary_path, {"dataset": dataset, "settings": settings, "wall_seconds": wall,

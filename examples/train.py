@@ -20,9 +20,17 @@ from inside each model instead), cultivate (grafting + distillation from a froze
 distilling from each other), repr (RePr), ensemble (N independent models and their ensemble).
 
 At the end it prints a table (test accuracy per model and of the ensemble, invalid filters with L1 norm below 0.1
-and 0.01) and writes, next to --output (default runs/<method>_<model>_<dataset>/results.json): the results as JSON,
-each model's weights (model_<k>.weights.h5, for examples/plot_filters.py), and the logs (CSV and TensorBoard) in
---log_dir. Bad or contradictory flags fail before any training with a message.
+and 0.01) and writes, next to --output, the results as JSON, each model's weights (model_<k>.weights.h5, for
+examples/plot_filters.py), and the logs (CSV and TensorBoard) in --log_dir. The default --output is
+runs/<method>_<network>_<dataset>[-<setting>=<value>...]/results.json, named after every flag that changes the run
+and differs from the method's default (e.g. runs/graft_resnet20_w8_fashion_mnist_local-epochs=2-graft_every=3/), so
+two configurations never share a folder; a run refuses to overwrite a results.json written by another
+configuration, and names both. Bad or contradictory flags fail before any training with a message; settings that
+will run but not do what the method is for (--graft_every larger than the epochs allow: no graft) are warned about.
+
+Each epoch's line shows the graft round that opened it: ``graft |a-0.5|`` (the mean |alpha - 0.5| over the grafted
+layers, ``graft_alpha_spread`` in the logs) and ``peer dist`` (||W - W_peer|| / ||W|| before the round,
+``graft_peer_distance``). With 2 models the mean alpha is 0.5 by construction, so it is not shown.
 """
 
 import os
@@ -106,7 +114,9 @@ flags.DEFINE_integer("val_subset", None, "Evaluate after each epoch on the first
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: the whole training set).")
 flags.DEFINE_bool("validate", True, "Evaluate on the test set after every epoch (for the logs and curves).")
 flags.DEFINE_string("output", None, "Results JSON; the models' weights go to the same folder. Default "
-                    "runs/<method>_<model>_<dataset>/results.json.")
+                    "runs/<method>_<network>_<dataset>[-<setting>=<value>...]/results.json, named after the settings "
+                    "that differ from the method's defaults. A results.json of another configuration is never "
+                    "overwritten.")
 flags.DEFINE_string("backup_dir", None, "Checkpoint after every epoch here; a restarted run resumes from it.")
 # --log_dir is absl.logging's flag (absl writes log files there only when asked to, which this script never does);
 # here it names the folder of the CSV log (log.csv) and the TensorBoard events, default <output folder>/logs.

@@ -1,10 +1,13 @@
 """Keras callbacks: Grafting for ``model.fit``, and FilterStats to log invalid filters and entropy."""
 
+import math
+
 import keras
 import numpy as np
 import tensorflow as tf
-from absl import logging
+from keras.src.utils import io_utils
 
+from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import grafting
 from keras_graft import layouts
@@ -25,10 +28,23 @@ class Grafting(keras.callbacks.Callback):
     and a resumed run grafts exactly once. No round follows the final epoch (or an early stop) unless
     ``final_graft=True``: the weights ``fit`` returns are the ones last validated.
 
-    Adds to ``logs`` every epoch, describing the round that opened it (alpha 1 and 0 layers when none did):
-    ``graft_alpha`` (mean coefficient of the model's own weights), ``graft_layers`` (groups grafted) and
-    ``graft_skipped_layers`` (groups whose peer weights were not finite). Put it before CSVLogger or TensorBoard
-    in the callback list so they record these values.
+    Adds to ``logs`` every epoch, describing the round that opened it (the neutral values in brackets when none
+    did, so CSVLogger sees the same columns every epoch); put it before CSVLogger or TensorBoard in the callback
+    list so they record these values:
+
+    * ``graft_alpha`` (1): the mean coefficient alpha of this model's own weights over the grafted layers. When
+      the peer grafts this model back (a 2-model ring), the peer's alpha is 1 - alpha, so averaged over both
+      models it is 0.5 by construction: compare models through the keys below.
+    * ``graft_alpha_spread`` (0): the mean |alpha - 0.5| over the grafted layers: how unequal the mix was; 0 is a
+      plain average, the maximum is a / 2.
+    * ``graft_peer_distance`` (0): ||W - W_peer|| / ||W|| over the grafted trainable weights, before the round:
+      how far the peers drifted apart since they last met (0: identical).
+    * ``graft_layers`` (0) and ``graft_skipped_layers`` (0): layers grafted, and layers left alone because the
+      peer's weights were not finite.
+
+    With several peers (grafted one after another) the alphas, spreads and distances are averaged over the peers
+    and the layer counts summed. Scions (:class:`keras_graft.NoiseScion`) have no peer: spread and distance 0,
+    plus ``scion_filters``.
 
     Args:
       peers: see above.
@@ -40,25 +56,28 @@ class Grafting(keras.callbacks.Callback):
       final_graft: also graft after the final epoch (the weights returned are then grafted, not validated).
       model: the model to graft, when it is not the one being fit: e.g. ``distiller.student`` when fitting a
         ``keras.distillation.Distiller``. Default: the callback's model.
-      verbose: 1 logs each round's mean alpha.
+      verbose: 1 prints one line per round (alpha, spread, peer distance, layers) through Keras' printing
+        (stdout, or absl logging after ``keras.config.disable_interactive_logging()``).
     """
 
     def __init__(self, peers=None, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
                  final_graft=False, model=None, verbose=0):
         super().__init__()
         grafting.validate_hyperparameters(a, c, level)
-        if int(every_n_epochs) != every_n_epochs or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs!r}.")
+        every_n_epochs = checks.integer("Grafting", "every_n_epochs", every_n_epochs, minimum=1)
+        if model is not None and not isinstance(model, keras.Model):
+            raise TypeError(f"Grafting: model must be None or the Keras model to graft, got a "
+                            f"{type(model).__name__}.")
         self.peers = None if peers is None else peers_lib.get(peers)
         self.criterion = criteria_lib.get(criterion or grafting.default_criterion(level))
         self.a = float(a)
         self.c = float(c)
         self.level = level
-        self.every_n_epochs = int(every_n_epochs)
-        self.layers = layers
-        self.final_graft = bool(final_graft)
+        self.every_n_epochs = every_n_epochs
+        self.layers = checks.layer_selection("Grafting", layers)
+        self.final_graft = checks.boolean("Grafting", "final_graft", final_graft)
         self.target = model
-        self.verbose = verbose
+        self.verbose = checks.verbose("Grafting", verbose)
         self._grafter = None
 
     def get_config(self):
@@ -115,49 +134,87 @@ class Grafting(keras.callbacks.Callback):
         """Grafts the round that follows epoch ``round_index``; returns its logs."""
         graft_logs = merge_logs(self.peers.graft_round(self.grafter(), round_index))
         if self.verbose:
-            logging.info("Round after epoch %d: grafted %s", round_index + 1, graft_logs)
+            model = self.grafter().model
+            io_utils.print_msg(f"Grafting '{model.name}', round after epoch {round_index + 1}: "
+                               f"{round_summary(graft_logs)}")
         return graft_logs
 
 
+def round_summary(logs, suffix=""):
+    """One line describing a round from its logs (keys ``graft_alpha{suffix}``, ...)."""
+    line = (f"alpha {logs[f'graft_alpha{suffix}']:.3f}, |alpha - 0.5| {logs[f'graft_alpha_spread{suffix}']:.3f}, "
+            f"peer distance {logs[f'graft_peer_distance{suffix}']:.3f}, {logs[f'graft_layers{suffix}']} layers")
+    skipped = logs.get(f"graft_skipped_layers{suffix}", 0)
+    if skipped:
+        line += f", {skipped} skipped (non-finite peer weights)"
+    if f"scion_filters{suffix}" in logs:
+        line += f", {logs[f'scion_filters{suffix}']} scion filters"
+    return line
+
+
 def merge_logs(results):
-    """One set of graft logs for several GraftResults: mean ``graft_alpha``, every other key summed."""
+    """One set of graft logs for several GraftResults: alphas, spreads and distances averaged, counts summed."""
     if not results:
         return {}
     merged = {}
     for result in results:
         for key, value in result.logs().items():
             merged.setdefault(key, []).append(value)
-    logs = {key: int(np.sum(values)) for key, values in merged.items() if key != "graft_alpha"}
-    logs["graft_alpha"] = float(np.mean(merged["graft_alpha"]))
-    return logs
+    mean_keys = {f"graft_{key}" for key in grafting.MEAN_KEYS}
+    return {key: float(np.mean(values)) if key in mean_keys else int(np.sum(values))
+            for key, values in merged.items()}
 
 
 class FilterStats(keras.callbacks.Callback):
     """Logs invalid filters (L1 norm below each threshold) and the mean layer entropy after each epoch.
 
     Keys: ``invalid_filters``, ``invalid_filter_ratio`` for a single threshold, suffixed ``_<threshold>``
-    for several (``invalid_filters_0.1``), and ``mean_entropy`` over convolution kernels. Computed in one compiled
-    function per model.
+    for several (``invalid_filters_0.1``), and ``mean_entropy`` over convolution kernels; with several
+    :attr:`models`, one set per model suffixed ``_0``, ``_1``, ... All are NaN for a model whose measured weights
+    are not finite. Computed in one compiled function per model. The model is checked when training begins,
+    before any step.
+
+    Args:
+      thresholds: a number or a list of numbers, each finite and >= 0: the L1 norms below which a filter counts
+        as invalid.
+      bins: histogram bins of the entropy, at least 2.
+      include_dense: also count the units of Dense layers as filters (needed for a model without convolutions).
+      models: Keras models to measure instead of the callback's model (GraftTrainer sets its peers).
+      verbose: 1 prints one line per epoch with the statistics, through Keras' printing.
     """
 
-    def __init__(self, thresholds=0.1, bins=10, include_dense=False, models=None):
+    def __init__(self, thresholds=0.1, bins=10, include_dense=False, models=None, verbose=0):
         super().__init__()
-        self.thresholds = tuple(np.atleast_1d(thresholds).astype(float).tolist())
-        if not self.thresholds or any(t < 0 for t in self.thresholds):
-            raise ValueError(f"FilterStats thresholds must be >= 0, got {thresholds!r}.")
-        self.entropy = criteria_lib.Entropy(bins)
-        self.include_dense = include_dense
+        self.thresholds = _thresholds(thresholds)
+        self.entropy = criteria_lib.Entropy(checks.integer("FilterStats", "bins", bins, minimum=2))
+        self.include_dense = checks.boolean("FilterStats", "include_dense", include_dense)
+        if models is not None:
+            models = [models] if isinstance(models, keras.Model) else models
+            if not isinstance(models, (list, tuple)) or not all(isinstance(m, keras.Model) for m in models):
+                raise TypeError(f"FilterStats: models must be None or a list of Keras models, got "
+                                f"{checks.shown(models)}.")
+            models = list(models)
         self.models = models
+        self.verbose = checks.verbose("FilterStats", verbose)
         self._functions = {}
 
     def get_config(self):
-        return {"thresholds": list(self.thresholds), "bins": self.entropy.bins, "include_dense": self.include_dense}
+        return {"thresholds": list(self.thresholds), "bins": self.entropy.bins, "include_dense": self.include_dense,
+                "verbose": self.verbose}
+
+    def _layers(self, model):
+        layers = layouts.filter_layers(model, include_dense=self.include_dense)
+        if layers:
+            return layers
+        message = f"FilterStats: model '{model.name}' has no convolution layers to measure"
+        dense = [layer.name for layer in layouts.flatten_layers(model) if isinstance(layer, keras.layers.Dense)]
+        if dense and not self.include_dense:
+            message += (f"; it has Dense layers ({', '.join(dense[:3])}{', ...' if len(dense) > 3 else ''}): pass "
+                        "FilterStats(include_dense=True) to count their units as filters")
+        raise ValueError(message + ".")
 
     def _stats_function(self, model):
-        layers = layouts.filter_layers(model, include_dense=self.include_dense)
-        if not layers:
-            raise ValueError(f"Model '{model.name}' has no convolution layers for FilterStats to measure.")
-        kernels = [layouts.primary_kernel(layer) for layer in layers]
+        kernels = [layouts.primary_kernel(layer) for layer in self._layers(model)]
         thresholds = tf.constant(self.thresholds, tf.float32)
 
         @tf.function(autograph=False)
@@ -165,28 +222,63 @@ class FilterStats(keras.callbacks.Callback):
             norms = tf.concat([criteria_lib.l1_norm(k.value, filter_axes=axes) for k, axes in kernels], axis=0)
             invalid = tf.reduce_sum(tf.cast(norms[None, :] < thresholds[:, None], tf.int32), axis=1)
             entropies = tf.stack([self.entropy(k.value) for k, _ in kernels])
-            return invalid, tf.size(norms), tf.reduce_mean(entropies)
+            # A sum is finite only if every value is: NaN or Inf weights make every statistic NaN.
+            finite = tf.math.is_finite(tf.reduce_sum(norms))
+            return invalid, tf.size(norms), tf.reduce_mean(entropies), finite
 
         return stats
 
+    def _function(self, model):
+        entry = self._functions.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, self._stats_function(model))
+            self._functions[id(model)] = entry
+        return entry[1]
+
     def measure(self, model):
-        """The statistics of one model as a dict of Python numbers."""
-        if id(model) not in self._functions:
-            self._functions[id(model)] = self._stats_function(model)
-        invalid, total, mean_entropy = (t.numpy() for t in self._functions[id(model)]())
+        """The statistics of one model as a dict of Python numbers (NaN when its weights are not finite)."""
+        invalid, total, mean_entropy, finite = (t.numpy() for t in self._function(model)())
         logs = {}
         for threshold, count in zip(self.thresholds, invalid):
             suffix = "" if len(self.thresholds) == 1 else f"_{threshold:g}"
-            logs[f"invalid_filters{suffix}"] = int(count)
-            logs[f"invalid_filter_ratio{suffix}"] = float(count) / int(total)
-        logs["mean_entropy"] = float(mean_entropy)
+            logs[f"invalid_filters{suffix}"] = int(count) if finite else math.nan
+            logs[f"invalid_filter_ratio{suffix}"] = float(count) / int(total) if finite else math.nan
+        logs["mean_entropy"] = float(mean_entropy) if finite else math.nan
         return logs
 
+    def _targets(self):
+        return self.models if self.models is not None else [self.model]
+
+    def on_train_begin(self, logs=None):
+        """Checks every model (and compiles its statistics) before the first step."""
+        for model in self._targets():
+            if model.built and model.weights:
+                self._function(model)
+
     def on_epoch_end(self, epoch, logs=None):
-        models = self.models if self.models is not None else [self.model]
+        models = self._targets()
         stats = {}
         for k, model in enumerate(models):
             suffix = "" if len(models) == 1 else f"_{k}"
             stats.update({f"{key}{suffix}": value for key, value in self.measure(model).items()})
+        if self.verbose:
+            text = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+                             for key, value in stats.items())
+            io_utils.print_msg(f"Epoch {epoch + 1}: FilterStats: {text}")
         if logs is not None:
             logs.update(stats)
+
+
+def _thresholds(thresholds):
+    """FilterStats thresholds as a tuple of floats; each a finite number >= 0."""
+    values = thresholds if isinstance(thresholds, (list, tuple, np.ndarray)) else [thresholds]
+    values = np.asarray(values, dtype=object).reshape(-1).tolist()
+    if not values:
+        raise ValueError("FilterStats: thresholds must hold at least one number, got an empty list.")
+    for value in values:
+        if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
+            raise TypeError(f"FilterStats: thresholds must be a number or a list of numbers, got "
+                            f"{checks.shown(thresholds)}.")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"FilterStats: thresholds must be finite numbers >= 0, got {checks.shown(thresholds)}.")
+    return tuple(float(v) for v in values)

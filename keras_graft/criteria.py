@@ -16,6 +16,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_graft import checks
 from keras_graft import layouts
 
 __all__ = [
@@ -171,6 +172,7 @@ class Entropy(Criterion):
     name = "entropy"
 
     def __init__(self, bins=10):
+        checks.integer("Entropy", "bins", bins)
         if int(bins) != bins or bins < 2:
             raise ValueError(f"Entropy needs an integer number of bins >= 2, got bins={bins!r}.")
         self.bins = int(bins)

@@ -87,7 +87,20 @@ _FASHION_MNIST_FILES = {
 
 
 class DatasetUnavailableError(FileNotFoundError):
-    """The data of a dataset is not available on this machine; the message says how to get it."""
+    """The data of a dataset is not available on this machine; the message says how to get it.
+
+    The message names this module's arguments (``data_dir=DIR``, ``download=True``); a program with other names
+    for them (a script's flags) rewords it with :meth:`message_for`.
+    """
+
+    def __init__(self, message, explain=None):
+        super().__init__(message)
+        self._explain = explain
+
+    def message_for(self, data_dir="data_dir=DIR", download="download=True"):
+        """The message with the data folder option spelled ``data_dir`` (with its placeholder DIR) and the
+        download option spelled ``download``; ``download=None`` leaves out the advice to download."""
+        return self._explain(data_dir, download) if self._explain is not None else str(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,12 +251,17 @@ def _fashion_mnist_dir(path: Optional[Union[str, os.PathLike]]) -> str:
         if all(_idx_file(folder, stem) for pair in _FASHION_MNIST_FILES.values() for stem in pair):
             return folder
     needed = ", ".join(stem + "[.gz]" for pair in _FASHION_MNIST_FILES.values() for stem in pair)
-    raise DatasetUnavailableError(
-        f"Fashion-MNIST IDX files ({needed}) not found in {', '.join(folders)}. Install them with "
-        f"`apt-get install dataset-fashion-mnist` (puts them in {DEBIAN_FASHION_MNIST_DIR}), or download them "
-        "from https://github.com/zalandoresearch/fashion-mnist (data/fashion) and set "
-        f"${FASHION_MNIST_ENV} or pass their folder."
-    )
+
+    def explain(data_dir_option, download_option):
+        del download_option  # the IDX files are never downloaded here
+        return (
+            f"Fashion-MNIST IDX files ({needed}) not found in {', '.join(folders)}. Install them with "
+            f"`apt-get install dataset-fashion-mnist` (puts them in {DEBIAN_FASHION_MNIST_DIR}), or download them "
+            "from https://github.com/zalandoresearch/fashion-mnist (data/fashion) and set "
+            f"${FASHION_MNIST_ENV} or pass their folder as {data_dir_option}."
+        )
+
+    raise DatasetUnavailableError(explain("data_dir=DIR", "download=True"), explain)
 
 
 @functools.lru_cache(maxsize=8)
@@ -404,18 +422,20 @@ def _split_for(name: str, split: str) -> str:
     return split
 
 
-def _tfds_missing_message(name: str, data_dir: Optional[str]) -> str:
+def _tfds_missing_message(name: str, data_dir: Optional[str], data_dir_option: str = "data_dir=DIR",
+                          download_option: Optional[str] = "download=True") -> str:
     where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
     if name == "imagenet2012":
         how = (
             "ImageNet needs a manual download: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
             "https://image-net.org) in DIR/downloads/manual, run `tfds build imagenet2012 --data_dir=DIR`, "
-            "then pass data_dir=DIR."
+            f"then pass {data_dir_option}."
         )
     else:
         how = (
             f"Download it with `tfds build {name} --data_dir=DIR` on a machine with internet, copy DIR here and "
-            f"pass data_dir=DIR (or set $TFDS_DATA_DIR), or pass download=True where there is internet."
+            f"pass {data_dir_option} (or set $TFDS_DATA_DIR)"
+            + (f", or pass {download_option} where there is internet." if download_option else ".")
         )
     if name == "fashion_mnist":
         how += (
@@ -423,6 +443,22 @@ def _tfds_missing_message(name: str, data_dir: Optional[str]) -> str:
             f"${FASHION_MNIST_ENV}) and they are used instead."
         )
     return f"Dataset {name} is not prepared in {where} and nothing is downloaded offline. {how}"
+
+
+def _tfds_missing_error(name: str, data_dir: Optional[str]) -> DatasetUnavailableError:
+    return DatasetUnavailableError(_tfds_missing_message(name, data_dir),
+                                   lambda option, download: _tfds_missing_message(name, data_dir, option, download))
+
+
+def _tfds_prepared(name: str, data_dir: Optional[str]) -> bool:
+    """Whether tensorflow-datasets has prepared ``name`` in ``data_dir`` (a version folder with its
+    dataset_info.json), checked without importing tensorflow-datasets (whose check warns about missing folders)."""
+    root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
+    base = f"{os.fspath(root).rstrip('/')}/{_INFOS[name].tfds_name}"
+    try:
+        return any(tf.io.gfile.glob(f"{base}/{pattern}/dataset_info.json") for pattern in ("*", "*/*"))
+    except tf.errors.OpError:
+        return False
 
 
 def _tfds_stream(name: str, split: str, data_dir: Optional[str], download: bool) -> tf.data.Dataset:
@@ -439,7 +475,7 @@ def _tfds_stream(name: str, split: str, data_dir: Optional[str], download: bool)
     except AssertionError as e:  # tfds' "could not find data in ..." when download=False
         if "could not find data" not in str(e):
             raise
-        raise DatasetUnavailableError(_tfds_missing_message(name, data_dir)) from e
+        raise _tfds_missing_error(name, data_dir) from e
 
 
 def _local_split(split: str) -> Tuple[str, slice]:
@@ -486,18 +522,17 @@ def _make_source(name, split, data_dir, subset, cache, download) -> _Source:
     if name == "fashion_mnist_local":
         x, y = _read_local(_fashion_mnist_dir(data_dir), split)
         return _to_source(x, y, subset)
-    try:
-        stream = _tfds_stream(name, split, data_dir, download)
-    except DatasetUnavailableError as e:
-        if name != "fashion_mnist":
-            raise
+    if name == "fashion_mnist" and not download and not _tfds_prepared(name, data_dir):
+        # The local IDX files are the same data: read them without asking tensorflow-datasets, which would warn
+        # about its missing folder first.
         try:
             folder = _fashion_mnist_dir(None)
         except DatasetUnavailableError:
-            raise e from None
+            raise _tfds_missing_error(name, data_dir) from None
         _log.info("fashion_mnist: tensorflow-datasets data not prepared; reading the IDX files in %s", folder)
         x, y = _read_local(folder, split)
         return _to_source(x, y, subset)
+    stream = _tfds_stream(name, split, data_dir, download)
     if subset is not None:
         stream = stream.take(subset)
     if name == "imagenet2012":

@@ -16,11 +16,12 @@ For one model trained with ``model.fit`` use Keras' own ``keras.distillation.Dis
 with ``Grafting(peers, model=distiller.student)``.
 """
 
-import math
 import os
 
 import keras
 import tensorflow as tf
+
+from keras_graft import checks
 
 
 def soft_cross_entropy(target_probabilities, student_logits, temperature):
@@ -59,14 +60,23 @@ class Distillation:
 
     def __init__(self, teachers=(), temperature=2.0, weight=1.0, mutual=False, mutual_weight=None,
                  from_logits=True):
-        if not temperature > 0 or not math.isfinite(temperature):
-            raise ValueError(f"Distillation temperature must be > 0, got temperature={temperature!r}.")
-        if not weight >= 0:
-            raise ValueError(f"Distillation weight must be >= 0, got weight={weight!r}.")
-        mutual_weight = weight if mutual_weight is None else mutual_weight
-        if not mutual_weight >= 0:
-            raise ValueError(f"Distillation mutual_weight must be >= 0, got mutual_weight={mutual_weight!r}.")
-        teachers = [teachers] if isinstance(teachers, (keras.Model, str, os.PathLike)) else list(teachers)
+        temperature = checks.number("Distillation", "temperature", temperature, minimum=0, open_minimum=True)
+        weight = checks.number("Distillation", "weight", weight, minimum=0)
+        mutual_weight = weight if mutual_weight is None else checks.number("Distillation", "mutual_weight",
+                                                                           mutual_weight, minimum=0)
+        mutual = checks.boolean("Distillation", "mutual", mutual)
+        from_logits = checks.boolean("Distillation", "from_logits", from_logits)
+        if isinstance(teachers, (keras.Model, str, os.PathLike)):
+            teachers = [teachers]
+        elif isinstance(teachers, (list, tuple)):
+            teachers = list(teachers)
+        else:
+            raise TypeError(f"Distillation: teachers must be a Keras model, a path to a .keras file or a list of "
+                            f"them, got {checks.shown(teachers)}.")
+        for m, teacher in enumerate(teachers):
+            if not isinstance(teacher, (keras.Model, str, os.PathLike)):
+                raise TypeError(f"Distillation: teacher {m} must be a Keras model or a path to a .keras file, got "
+                                f"{checks.shown(teacher)}.")
         if not teachers and not mutual:
             raise ValueError("Distillation has nothing to learn from: give teachers, or mutual=True.")
         self.teacher_sources = teachers

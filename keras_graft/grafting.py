@@ -18,6 +18,18 @@ what the reference's two successive in-place mixes amount to.
 
 Every graft runs as one ``tf.function`` over all weights, in cross-replica context when a strategy is active, so
 every replica receives the same mixed value.
+
+What a round logs (:meth:`GraftResult.logs`, computed in the same ``tf.function`` as the mix):
+
+* ``graft_alpha``: the mean coefficient of the model's own weights over the grafted groups. With two models in a
+  ring it says little: alpha_1 = 1 - alpha_0 (arctan is odd), so its mean over the models is 0.5 by construction.
+* ``graft_alpha_spread``: the mean of |alpha - 0.5| over the grafted groups (and filters, at filter level): how
+  far the coefficients are from a plain average; 0 when the peers hold the same information, up to a / 2.
+* ``graft_peer_distance``: ||W_self - W_peer|| / ||W_self|| over the grafted trainable weights (kernels, biases,
+  normalisation scales and offsets; not the moving statistics), measured before the round: how far apart the
+  peers have drifted since they last met (0 when they are identical).
+* ``graft_layers`` and ``graft_skipped_layers``: groups grafted, and groups left alone because the peer's weights
+  were not finite.
 """
 
 import math
@@ -26,6 +38,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
 
@@ -37,13 +50,27 @@ def adaptive_coefficient(info_self, info_peer, a=0.4, c=500.0):
     return 0.5 + (a / math.pi) * tf.atan(c * (info_self - info_peer))
 
 
-def validate_hyperparameters(a, c, level):
+def validate_hyperparameters(a, c, level, owner="Grafting"):
+    checks.number(owner, "a", a)
+    checks.number(owner, "c", c)
     if not 0.0 <= a <= 1.0:
-        raise ValueError(f"Grafting coefficient a must lie in [0, 1], got a={a}.")
+        raise ValueError(f"Grafting coefficient a must lie in [0, 1], got a={a!r}.")
     if c < 0 or not math.isfinite(c):
-        raise ValueError(f"Grafting coefficient c must be a finite number >= 0, got c={c}.")
-    if level not in LEVELS:
-        raise ValueError(f"Unknown grafting level '{level}'. Valid levels: {list(LEVELS)}.")
+        raise ValueError(f"Grafting coefficient c must be a finite number >= 0, got c={c!r}.")
+    if not isinstance(level, str) or level not in LEVELS:
+        raise ValueError(f"Unknown grafting level {level!r}. Valid levels: {list(LEVELS)}.")
+
+
+#: The keys a round logs, at the values of an epoch without a round (see the module docstring).
+IDLE_LOGS = {"graft_alpha": 1.0, "graft_alpha_spread": 0.0, "graft_peer_distance": 0.0, "graft_layers": 0,
+             "graft_skipped_layers": 0}
+#: Keys averaged (not summed) when several results are merged.
+MEAN_KEYS = ("alpha", "alpha_spread", "peer_distance")
+
+
+def idle_logs(prefix="graft"):
+    """The logs of an epoch without a round: the keys of :meth:`GraftResult.logs` at their neutral values."""
+    return {key.replace("graft", prefix, 1): value for key, value in IDLE_LOGS.items()}
 
 
 def default_criterion(level):
@@ -74,11 +101,20 @@ def check_compatible(model, peer_specs, peer_label):
         )
 
 
+def _trainable_indices(model):
+    """Indices in ``model.weights`` of the trainable weights."""
+    trainable = {id(w) for w in model.trainable_weights}
+    return {i for i, w in enumerate(model.weights) if id(w) in trainable}
+
+
 class _Mixer:
     """Builds the mixing ops of one (self, peer) pair of weight dicts; runs inside a tf.function."""
 
-    def __init__(self, structure, criterion, a, c, level):
+    def __init__(self, structure, criterion, a, c, level, trainable=None):
         self.structure = structure
+        # Weights the peer distance reads: the grafted trainable ones (all grafted ones if none is trainable).
+        grafted = set(structure.grafted_indices)
+        self.distance_indices = (grafted & set(trainable or ())) or grafted
         self.criterion = criterion
         self.fallback = criteria_lib.Entropy()
         self.a = a
@@ -123,7 +159,11 @@ class _Mixer:
         return tf.reshape(alpha, target)
 
     def mix(self, own, peer, own_info, peer_info, peer_usable=True):
-        """New values of the grafted weights of ``own``; returns ({index: value}, mean alphas, skipped)."""
+        """New values of the grafted weights of ``own``.
+
+        Returns ({index: value}, mean alpha per group, skipped per group, mean |alpha - 0.5| per group, and
+        ||own - peer|| / ||own|| over the distance weights of the groups not skipped).
+        """
         alphas, skipped = [], []
         for group, info_self, info_peer in zip(self.structure.groups, own_info, peer_info):
             # A sum is finite only if every value is (overflowing weights count as broken too).
@@ -133,8 +173,14 @@ class _Mixer:
             alphas.append(tf.where(usable, alpha, tf.ones_like(alpha)))
             skipped.append(tf.logical_not(usable))
         values = {}
+        difference, norm = tf.zeros([]), tf.zeros([])
         for group, alpha, skip in zip(self.structure.groups, alphas, skipped):
             for index, axes in group.members:
+                if index in self.distance_indices:
+                    own_value = tf.cast(own[index], tf.float32)
+                    gap = tf.reduce_sum(tf.square(own_value - tf.cast(peer[index], tf.float32)))
+                    difference += tf.where(skip, 0.0, gap)
+                    norm += tf.where(skip, 0.0, tf.reduce_sum(tf.square(own_value)))
                 shape = own[index].shape
                 coefficient = self._shaped(alpha, shape, axes)
                 link = self.structure.input_links.get(index)
@@ -147,26 +193,42 @@ class _Mixer:
                 # Select rather than multiply by zero: 0 * NaN would still be NaN.
                 values[index] = tf.cast(tf.where(skip, own_value, mixed), own[index].dtype)
         mean_alphas = tf.stack([tf.reduce_mean(alpha) for alpha in alphas])
-        return values, mean_alphas, tf.stack(skipped)
+        spreads = tf.stack([tf.reduce_mean(tf.abs(alpha - 0.5)) for alpha in alphas])
+        distance = tf.sqrt(tf.math.divide_no_nan(difference, norm))
+        return values, mean_alphas, tf.stack(skipped), spreads, distance
 
 
 class GraftResult:
-    """What one graft did: mean alpha per group, the groups skipped for non-finite peer weights."""
+    """What one graft did to a model: per group the mean alpha, whether it was skipped (non-finite peer weights)
+    and the mean |alpha - 0.5|; and the relative distance to the peer before the round."""
 
-    def __init__(self, group_names, alphas, skipped):
+    def __init__(self, group_names, alphas, skipped, spreads=None, peer_distance=0.0):
         self.group_names = list(group_names)
         self.alphas = np.asarray(alphas, dtype=np.float32)
-        self.skipped = [name for name, bad in zip(self.group_names, np.asarray(skipped)) if bad]
+        skipped = np.asarray(skipped, dtype=bool).reshape(-1)
+        self.skipped = [name for name, bad in zip(self.group_names, skipped) if bad]
+        self._used = ~skipped if skipped.size else np.ones(len(self.group_names), bool)
+        self.spreads = (np.abs(self.alphas - 0.5) if spreads is None else np.asarray(spreads, dtype=np.float32))
+        self.peer_distance = float(peer_distance)
 
     @property
     def mean_alpha(self):
-        used = [a for name, a in zip(self.group_names, self.alphas) if name not in self.skipped]
-        return float(np.mean(used)) if used else 1.0
+        """Mean coefficient of the model's own weights over the grafted groups (1 when none was grafted)."""
+        used = self.alphas[self._used]
+        return float(np.mean(used)) if used.size else 1.0
+
+    @property
+    def alpha_spread(self):
+        """Mean |alpha - 0.5| over the grafted groups (0 when none was grafted)."""
+        used = self.spreads[self._used]
+        return float(np.mean(used)) if used.size else 0.0
 
     def logs(self, prefix="graft"):
-        """Scalars for Keras ``logs``: History, CSVLogger and TensorBoard record them."""
+        """Scalars for Keras ``logs``: History, CSVLogger and TensorBoard record them (see the module docstring)."""
         return {
             f"{prefix}_alpha": self.mean_alpha,
+            f"{prefix}_alpha_spread": self.alpha_spread,
+            f"{prefix}_peer_distance": self.peer_distance,
             f"{prefix}_layers": len(self.group_names) - len(self.skipped),
             f"{prefix}_skipped_layers": len(self.skipped),
         }
@@ -189,11 +251,11 @@ class Grafter:
     """
 
     def __init__(self, model, criterion=None, a=0.4, c=500.0, level="layer", layers=None):
-        validate_hyperparameters(a, c, level)
+        validate_hyperparameters(a, c, level, "Grafter")
         self.model = model
         self.criterion = criteria_lib.get(criterion or default_criterion(level))
         self.structure = groups_lib.graft_structure(model, layers)
-        self._mixer = _Mixer(self.structure, self.criterion, float(a), float(c), level)
+        self._mixer = _Mixer(self.structure, self.criterion, float(a), float(c), level, _trainable_indices(model))
         self._array_function = tf.function(self._graft_flat, autograph=False)
         self._model_functions = {}
 
@@ -205,12 +267,12 @@ class Grafter:
         weights = self.model.weights
         own = {i: weights[i].value for i in self.structure.grafted_indices}
         peer = dict(zip(self.structure.grafted_indices, peer_values))
-        values, alphas, skipped = self._mixer.mix(
+        values, alphas, skipped, spreads, distance = self._mixer.mix(
             own, peer, self._mixer.information(own), self._mixer.information(peer), peer_usable
         )
         for index, value in values.items():
             weights[index].assign(value)
-        return alphas, skipped
+        return alphas, skipped, spreads, distance
 
     def _graft_flat(self, flat_peer, peer_usable):
         """Grafts peer weights passed as one flat float32 vector: one host-to-device copy, not one per array."""
@@ -229,8 +291,7 @@ class Grafter:
             self._model_functions[key] = tf.function(
                 lambda: self._graft([peer.weights[i].value for i in indices], tf.constant(True)), autograph=False
             )
-        alphas, skipped = self._model_functions[key]()
-        return self._result(alphas, skipped, f"peer '{peer.name}'")
+        return self._result(self._model_functions[key](), f"peer '{peer.name}'")
 
     def graft_arrays(self, peer_weights, peer_label="peer"):
         """Grafts weights given as arrays or tensors in ``model.weights`` order (e.g. loaded from a file)."""
@@ -240,11 +301,11 @@ class Grafter:
                              f"{len(self.model.weights)}.")
         flat = np.concatenate([np.asarray(peer_weights[i], np.float32).ravel()
                                for i in self.structure.grafted_indices])
-        alphas, skipped = self._array_function(flat, tf.constant(True))
-        return self._result(alphas, skipped, peer_label)
+        return self._result(self._array_function(flat, tf.constant(True)), peer_label)
 
-    def _result(self, alphas, skipped, peer_label):
-        result = GraftResult(self.group_names, alphas.numpy(), skipped.numpy())
+    def _result(self, outputs, peer_label):
+        alphas, skipped, spreads, distance = (t.numpy() for t in outputs)
+        result = GraftResult(self.group_names, alphas, skipped, spreads, distance)
         result.warn_skipped(f"{self.model.name} <- {peer_label}")
         return result
 
@@ -257,7 +318,7 @@ class RingGrafter:
     """
 
     def __init__(self, models, criterion=None, a=0.4, c=500.0, level="layer", layers=None):
-        validate_hyperparameters(a, c, level)
+        validate_hyperparameters(a, c, level, "RingGrafter")
         if len(models) < 2:
             raise ValueError(f"A grafting ring needs at least 2 models, got {len(models)}.")
         for k, peer in enumerate(models[1:], start=1):
@@ -265,7 +326,8 @@ class RingGrafter:
         self.models = list(models)
         self.criterion = criteria_lib.get(criterion or default_criterion(level))
         self.structure = groups_lib.graft_structure(models[0], layers)
-        self._mixer = _Mixer(self.structure, self.criterion, float(a), float(c), level)
+        self._mixer = _Mixer(self.structure, self.criterion, float(a), float(c), level,
+                             _trainable_indices(models[0]))
         self._function = tf.function(self._graft, autograph=False)
 
     @property
@@ -276,24 +338,23 @@ class RingGrafter:
         indices = self.structure.grafted_indices
         before = [{i: tf.identity(m.weights[i].value) for i in indices} for m in self.models]
         infos = [self._mixer.information(weights) for weights in before]  # once per model, not per pair
-        updates, alphas, skipped = [], [], []
+        updates, outputs = [], []
         for k in range(len(self.models)):
             previous = (k - 1) % len(self.models)
-            values, alpha, skip = self._mixer.mix(before[k], before[previous], infos[k], infos[previous],
-                                                  healthy[previous])
+            values, *measures = self._mixer.mix(before[k], before[previous], infos[k], infos[previous],
+                                                healthy[previous])
             updates.append(values)
-            alphas.append(alpha)
-            skipped.append(skip)
+            outputs.append(measures)
         for model, values in zip(self.models, updates):
             for index, value in values.items():
                 model.weights[index].assign(value)
-        return tf.stack(alphas), tf.stack(skipped)
+        return tuple(tf.stack(column) for column in zip(*outputs))  # alphas, skipped, spreads, distances
 
     def __call__(self, healthy=None):
         """Runs one round; returns one :class:`GraftResult` per model."""
         healthy = [True] * len(self.models) if healthy is None else [bool(h) for h in healthy]
-        alphas, skipped = self._function(tf.constant(healthy))
-        results = [GraftResult(self.group_names, a, s) for a, s in zip(alphas.numpy(), skipped.numpy())]
+        columns = [t.numpy() for t in self._function(tf.constant(healthy))]
+        results = [GraftResult(self.group_names, *per_model) for per_model in zip(*columns)]
         for k, result in enumerate(results):
             result.warn_skipped(f"model {k} <- model {(k - 1) % len(self.models)}")
         return results

@@ -9,6 +9,7 @@ import abc
 
 import keras
 
+from keras_graft import checks
 from keras_graft import grafting
 
 
@@ -19,8 +20,9 @@ class PeerSource(abc.ABC):
         """Checks the peers against ``model`` before any weight changes. Default: nothing to check."""
 
     def idle_logs(self):
-        """The logs of an epoch without a round: the keys ``graft_round``'s results log, at their neutral values."""
-        return {"graft_alpha": 1.0, "graft_layers": 0, "graft_skipped_layers": 0}
+        """The logs of an epoch without a round: the keys ``graft_round``'s results log, at their neutral values
+        (alpha 1, spread and peer distance 0, 0 layers), so that CSVLogger sees the same columns every epoch."""
+        return grafting.idle_logs()
 
     @abc.abstractmethod
     def graft_round(self, grafter, round_index):
@@ -37,9 +39,10 @@ class ModelPeers(PeerSource):
         models = list(models)
         if not models:
             raise ValueError("Grafting needs at least one peer model.")
-        for peer in models:
+        for k, peer in enumerate(models):
             if not isinstance(peer, keras.Model):
-                raise TypeError(f"Peers must be Keras models or a PeerSource, got {type(peer).__name__}.")
+                raise TypeError(f"Peers must be Keras models or a PeerSource, got peer {k} = "
+                                f"{checks.shown(peer)} (a {type(peer).__name__}).")
         self.models = models
 
     def setup(self, model):
@@ -62,4 +65,5 @@ def get(peers):
         return ModelPeers([peers])
     if isinstance(peers, (list, tuple)):
         return ModelPeers(peers)
-    raise TypeError(f"peers must be a Keras model, a list of models or a PeerSource, got {type(peers).__name__}.")
+    raise TypeError(f"peers must be a Keras model, a list of models or a PeerSource, got {checks.shown(peers)} "
+                    f"(a {type(peers).__name__}).")

@@ -44,7 +44,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
+from keras.src.utils import io_utils
 
+from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
 from keras_graft import layouts
@@ -273,7 +275,8 @@ class RePr(keras.callbacks.Callback):
       criterion: how filters rank: ``"orthogonality"`` (RePr; drop the highest overlap), ``"l1"`` (the paper's
         weight-magnitude ablation; drop the smallest norms), or any per-filter kernel criterion.
       unit: ``"epoch"`` or ``"step"``: what s1 and s2 count.
-      verbose: 1 logs each drop and re-initialisation.
+      verbose: 1 prints one line per drop and per re-initialisation through Keras' printing (stdout, or absl
+        logging after ``keras.config.disable_interactive_logging()``).
       seed: seeds the re-initialised values.
     """
 
@@ -281,12 +284,17 @@ class RePr(keras.callbacks.Callback):
                  seed=None):
         super().__init__()
         for name, value in (("s1", s1), ("s2", s2), ("cycles", cycles)):
+            if not isinstance(value, (numbers.Real, np.integer)):
+                raise TypeError(f"RePr: {name} must be a positive integer, got {checks.shown(value)}.")
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"RePr {name} must be a positive integer, got {name}={value!r}.")
-        if not isinstance(prune_ratio, numbers.Real) or not 0.0 < prune_ratio < 1.0:
+        checks.number("RePr", "prune_ratio", prune_ratio)
+        if not 0.0 < prune_ratio < 1.0:
             raise ValueError(f"RePr prune_ratio must lie in (0, 1), got prune_ratio={prune_ratio!r}.")
         if unit not in UNITS:
-            raise ValueError(f"Unknown RePr unit '{unit}'. Valid units: {list(UNITS)}.")
+            raise ValueError(f"Unknown RePr unit {unit!r}. Valid units: {list(UNITS)}.")
+        verbose = checks.verbose("RePr", verbose)
+        seed = checks.integer("RePr", "seed", seed, minimum=0, allow_none=True)
         self.criterion = criteria_lib.get(criterion)
         if self.criterion.reads_gamma:
             raise ValueError(f"Criterion '{self.criterion.name}' reads normalisation layers, not kernels; RePr ranks "
@@ -451,8 +459,8 @@ class RePr(keras.callbacks.Callback):
         }
         self._events.append(event)
         if self.verbose:
-            logging.info("RePr %s cycle %d: dropped %d filters %s", state.model.name, cycle, state.dropped_count,
-                         event["dropped"])
+            io_utils.print_msg(f"RePr '{state.model.name}' cycle {cycle}: dropped {state.dropped_count} filters "
+                               f"after {state.units_done} {self.unit}s {event['dropped']}")
 
     def _reinitialise(self, state, cycle):
         """Gives the dropped filters new values orthogonal to the survivors and to their pre-drop values.
@@ -482,8 +490,8 @@ class RePr(keras.callbacks.Callback):
             "levels": levels,
         })
         if self.verbose:
-            logging.info("RePr %s cycle %d: re-initialised %d filters %s", state.model.name, cycle,
-                         state.dropped_count, levels)
+            io_utils.print_msg(f"RePr '{state.model.name}' cycle {cycle}: re-initialised {state.dropped_count} "
+                               f"filters after {state.units_done} {self.unit}s {levels}")
 
     def _reinitialise_layer(self, plan, dropped, pre_drop):
         """Writes the new kernel rows of one layer's ``dropped`` filters; returns the level reached."""

@@ -15,6 +15,8 @@ import math
 import keras
 import tensorflow as tf
 
+from keras_graft import checks
+
 
 def spread_learning_rates(learning_rate, num_models):
     """[lr * (1 + cos(pi * (N - k) / N)) / 2 for k = 1..N]: the peers' initial learning rates."""
@@ -37,6 +39,8 @@ class CosineAnnealing(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, initial_learning_rate, epochs, steps_per_epoch, alpha=0.0):
+        checks.number("CosineAnnealing", "initial_learning_rate", initial_learning_rate)
+        checks.number("CosineAnnealing", "alpha", alpha)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"CosineAnnealing alpha must lie in [0, 1], got {alpha}.")
         self.initial_learning_rate = float(initial_learning_rate)
@@ -69,6 +73,14 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
     """
 
     def __init__(self, initial_learning_rate, every_epochs=None, steps_per_epoch=1, factor=0.1, milestones=None):
+        checks.number("StepDecay", "initial_learning_rate", initial_learning_rate)
+        checks.number("StepDecay", "factor", factor)
+        checks.integer("StepDecay", "every_epochs", every_epochs, allow_none=True)
+        if milestones is not None:
+            if isinstance(milestones, str) or not hasattr(milestones, "__iter__"):
+                raise TypeError(f"StepDecay: milestones must be a list of epochs, got {checks.shown(milestones)}.")
+            for m in milestones:
+                checks.integer("StepDecay", "each of milestones", m)
         if (every_epochs is None) == (milestones is None):
             raise ValueError("StepDecay needs exactly one of every_epochs and milestones, got "
                              f"every_epochs={every_epochs!r}, milestones={milestones!r}.")

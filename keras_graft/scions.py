@@ -18,13 +18,13 @@ replicas stay equal and a round is reproducible.
 """
 
 import abc
-import math
 import random
 
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_graft import checks
 from keras_graft import criteria
 from keras_graft import grafting
 from keras_graft import layouts
@@ -49,8 +49,9 @@ class ScionResult(grafting.GraftResult):
     """What one scion round did to a model: invalid and grafted filters per convolution layer.
 
     A scion adds to the model's weights without scaling them, so the coefficient of the model's own weights
-    (``graft_alpha``) is 1; ``graft_layers`` counts the layers with at least one grafted filter and
-    ``graft_skipped_layers`` is 0. ``logs()`` adds ``scion_filters``, the number of filters grafted.
+    (``graft_alpha``) is 1 and, with no peer, ``graft_alpha_spread`` and ``graft_peer_distance`` are 0;
+    ``graft_layers`` counts the layers with at least one grafted filter and ``graft_skipped_layers`` is 0.
+    ``logs()`` adds ``scion_filters``, the number of filters grafted.
     """
 
     def __init__(self, layer_names, invalid, grafted):
@@ -58,7 +59,9 @@ class ScionResult(grafting.GraftResult):
         self.invalid_per_layer = np.asarray(invalid, dtype=np.int64)
         self.grafted_per_layer = np.asarray(grafted, dtype=np.int64)
         touched = [name for name, count in zip(self.layer_names, self.grafted_per_layer) if count]
-        super().__init__(touched, np.ones(len(touched)), np.zeros(len(touched), dtype=bool))
+        # No peer: spread and peer distance stay at their neutral 0.
+        super().__init__(touched, np.ones(len(touched)), np.zeros(len(touched), dtype=bool),
+                         spreads=np.zeros(len(touched)), peer_distance=0.0)
 
     @property
     def invalid(self):
@@ -85,9 +88,7 @@ class Scion(peers.PeerSource):
     """
 
     def __init__(self, threshold=0.1):
-        if not (math.isfinite(threshold) and threshold >= 0):
-            raise ValueError(f"Scion threshold must be a finite number >= 0, got threshold={threshold!r}.")
-        self.threshold = float(threshold)
+        self.threshold = checks.number(type(self).__name__, "threshold", threshold, minimum=0)
         self._functions = {}
 
     @abc.abstractmethod
@@ -188,15 +189,11 @@ class NoiseScion(Scion):
 
     def __init__(self, threshold=0.1, sigma_decay=0.9, initial_sigma=1.0, seed=None):
         super().__init__(threshold)
-        if not 0.0 < sigma_decay < 1.0:
-            raise ValueError(f"NoiseScion sigma_decay must lie in (0, 1), got sigma_decay={sigma_decay!r}.")
-        if not (math.isfinite(initial_sigma) and initial_sigma > 0):
-            raise ValueError(f"NoiseScion initial_sigma must be a finite number > 0, got {initial_sigma!r}.")
-        if seed is not None and int(seed) != seed:
-            raise ValueError(f"NoiseScion seed must be an integer or None, got seed={seed!r}.")
-        self.sigma_decay = float(sigma_decay)
-        self.initial_sigma = float(initial_sigma)
-        self.seed = None if seed is None else int(seed)
+        self.sigma_decay = checks.number("NoiseScion", "sigma_decay", sigma_decay, minimum=0, maximum=1,
+                                         open_minimum=True, open_maximum=True)
+        self.initial_sigma = checks.number("NoiseScion", "initial_sigma", initial_sigma, minimum=0,
+                                           open_minimum=True)
+        self.seed = checks.integer("NoiseScion", "seed", seed, allow_none=True)
         self._seed = self.seed if seed is not None else random.SystemRandom().randrange(2**31)
 
     def sigma(self, round_index):

@@ -50,6 +50,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras_graft import checks
 from keras_graft import grafting
 from keras_graft import peers
 
@@ -111,6 +112,14 @@ class SharedDirectory(peers.PeerSource):
     """
 
     def __init__(self, path, rank, world_size, timeout=600.0, poll_interval=0.05, max_poll_interval=2.0, keep=None):
+        path = checks.path("SharedDirectory", "path", path)
+        checks.integer("SharedDirectory", "world_size", world_size)
+        checks.integer("SharedDirectory", "rank", rank)
+        for name, value in (("timeout", timeout), ("poll_interval", poll_interval),
+                            ("max_poll_interval", max_poll_interval)):
+            checks.number("SharedDirectory", name, value, minimum=0, open_minimum=True,
+                          finite=name != "timeout")  # timeout=inf waits for ever
+        checks.integer("SharedDirectory", "keep", keep, allow_none=True)
         if int(world_size) != world_size or world_size < 2:
             raise ValueError(f"SharedDirectory needs world_size >= 2 processes to graft together, got "
                              f"world_size={world_size!r}. Train a single model without the Grafting callback.")

@@ -17,6 +17,7 @@ number of replicas here for the same reason; logged losses are multiplied back.
 
 import inspect
 import math
+import numbers
 import shutil
 import tempfile
 
@@ -25,7 +26,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from keras.src.utils import io_utils
+
 from keras_graft import callbacks as callbacks_lib
+from keras_graft import checks
+from keras_graft import distillation as distillation_lib
 from keras_graft import grafting as grafting_lib
 from keras_graft import reactivation
 from keras_graft import schedules as schedules_lib
@@ -54,6 +59,9 @@ class PeerEnsemble(keras.Model):
         super().__init__(**kwargs)
         if output_activation not in (None, "softmax", "sigmoid"):
             raise ValueError(f"output_activation must be None, 'softmax' or 'sigmoid', got {output_activation!r}.")
+        if not isinstance(peers, (list, tuple)) or not peers or not all(isinstance(p, keras.Model) for p in peers):
+            raise TypeError(f"PeerEnsemble: peers must be a non-empty list of Keras models, got "
+                            f"{checks.shown(peers)}.")
         self.peers = list(peers)
         self.output_activation = output_activation
         self.built = all(peer.built for peer in self.peers)
@@ -226,6 +234,29 @@ def _grafting_settings(grafting):
     return settings
 
 
+def _check_arguments(model_fn, metrics, lr_spread, seed, backup_dir, distillation):
+    """Type checks of GraftTrainer's arguments that need no strategy (the others are checked where used)."""
+    if isinstance(model_fn, keras.Model):
+        raise TypeError(f"GraftTrainer: model_fn must be a function that builds a model, got a Model "
+                        f"('{model_fn.name}'). GraftTrainer builds each of its N models with its own "
+                        "initialisation: pass e.g. `lambda: build_model()` (a function returning a new model per "
+                        "call), not a model instance.")
+    if not callable(model_fn):
+        raise TypeError(f"GraftTrainer: model_fn must be a function that builds a model, got "
+                        f"{checks.shown(model_fn)}.")
+    if metrics is not None and (isinstance(metrics, (str, keras.metrics.Metric)) or
+                                not isinstance(metrics, (list, tuple))):
+        raise TypeError(f"GraftTrainer: metrics must be a list of metric names or objects, got "
+                        f"{checks.shown(metrics)} (write metrics=[{metrics!r:.40}]).")
+    checks.boolean("GraftTrainer", "lr_spread", lr_spread)
+    checks.integer("GraftTrainer", "seed", seed, allow_none=True)
+    if backup_dir is not None:
+        checks.path("GraftTrainer", "backup_dir", backup_dir)
+    if distillation is not None and not isinstance(distillation, distillation_lib.Distillation):
+        raise TypeError(f"GraftTrainer: distillation must be None or a keras_graft.Distillation, got "
+                        f"{checks.shown(distillation)}.")
+
+
 class GraftTrainer:
     """Trains N peer models side by side and grafts them in a ring (Meng et al., CVPR 2020).
 
@@ -242,7 +273,8 @@ class GraftTrainer:
       loss: a Keras loss (object or identifier).
       metrics: metric names or objects, tracked per model and for the ensemble ("accuracy" as in ``compile``).
       grafting: a ``keras_graft.Grafting`` callback used for its settings (criterion, a, c, level,
-        every_n_epochs, layers, final_graft) or a dict of them; None trains N independent models (the fair baseline).
+        every_n_epochs, layers, final_graft, verbose: 1 prints a line per round) or a dict of them; None trains N
+        independent models (the fair baseline).
       strategy: a tf.distribute strategy or "default" | "mirrored" | "multi_worker"; None: the current one.
       lr_spread: give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2.
       lr_schedule: None, "cosine", "step", a dict (``{"name": "step", "every_epochs": 60, "factor": 0.1}``) or a
@@ -265,11 +297,15 @@ class GraftTrainer:
     def __init__(self, model_fn, num_models=2, optimizer="sgd", loss=None, metrics=None, grafting=None,
                  strategy=None, lr_spread=False, lr_schedule=None, data_order="per_model", seed=None,
                  backup_dir=None, distillation=None, steps_per_execution=1, shared_initialization=False):
+        _check_arguments(model_fn, metrics, lr_spread, seed, backup_dir, distillation)
+        if not isinstance(num_models, numbers.Real):
+            raise TypeError(f"GraftTrainer: num_models must be an integer >= 1, got {checks.shown(num_models)}.")
         if isinstance(num_models, bool) or int(num_models) != num_models or num_models < 1:
             raise ValueError(f"num_models must be an integer >= 1, got {num_models!r}.")
         if data_order not in DATA_ORDERS:
             raise ValueError(f"data_order must be one of {list(DATA_ORDERS)}, got {data_order!r}.")
         self.num_models = int(num_models)
+        checks.integer("GraftTrainer", "steps_per_execution", steps_per_execution)
         if isinstance(steps_per_execution, bool) or int(steps_per_execution) != steps_per_execution or \
                 steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be an integer >= 1, got {steps_per_execution!r}.")
@@ -654,8 +690,18 @@ class GraftTrainer:
         Logs per model (``loss_0``, ``accuracy_1``), their mean over models (``loss``, ``accuracy``), validation
         per model, mean and ensemble (``val_loss_0``, ``val_accuracy``, ``val_accuracy_ensemble``), learning rates
         (``learning_rate_0``), ``nonfinite_models`` (models whose epoch loss is NaN or Inf; they are not grafted
-        into their peers) and, with grafting on, ``graft_alpha_k``, ``graft_layers_k``, ``graft_skipped_layers_k``
-        and their merge ``graft_alpha``, ``graft_layers``, ``graft_skipped_layers``.
+        into their peers) and, with grafting on, per model k (grafting model k-1 into model k):
+
+        * ``graft_alpha_k``: the mean coefficient of model k's own weights over the grafted layers;
+        * ``graft_alpha_spread_k``: the mean |alpha - 0.5| over them (0: a plain average; at most a / 2);
+        * ``graft_peer_distance_k``: ||W_k - W_{k-1}|| / ||W_k|| over the grafted trainable weights, before the
+          round (how far the peers drifted apart since the last round; 0: identical);
+        * ``graft_layers_k``, ``graft_skipped_layers_k``: layers grafted, and layers left alone because model
+          k-1's weights were not finite;
+
+        and without the suffix their mean over models (the counts summed). With 2 models ``graft_alpha`` is 0.5
+        by construction (alpha_1 = 1 - alpha_0); ``graft_alpha_spread`` and ``graft_peer_distance`` are the
+        headline. Epochs that no round opened log alpha 1 and 0 for the others, so CSVLogger sees the same columns.
 
         Rounds follow the reference protocol (train -> validate -> save -> graft): the round after epoch e opens
         epoch e + 1, so ``val_*``, the backup and the callbacks of epoch e see the weights before it, and epoch
@@ -751,12 +797,12 @@ class GraftTrainer:
         return logs
 
     def _idle_graft_logs(self):
-        """Graft logs of an epoch that no round opened (none without grafting)."""
+        """Graft logs of an epoch that no round opened (none without grafting): the keys of a round, neutral."""
         if self._ring is None:
             return {}
-        idle = {"alpha": 1.0, "layers": 0, "skipped_layers": 0}
-        logs = {f"graft_{key}_{k}": value for k in range(self.num_models) for key, value in idle.items()}
-        return {**logs, **{f"graft_{key}": value for key, value in idle.items()}}
+        idle = grafting_lib.idle_logs()
+        logs = {f"{key}_{k}": value for k in range(self.num_models) for key, value in idle.items()}
+        return {**logs, **idle}
 
     def _graft(self, finished_epoch):
         """The round after (0-based) ``finished_epoch``, when one is due; returns its logs."""
@@ -767,6 +813,9 @@ class GraftTrainer:
         logs = callbacks_lib.merge_logs(results)
         for k, result in enumerate(results):
             logs.update({f"{key}_{k}": value for key, value in result.logs().items()})
+        if self.grafting.verbose:
+            io_utils.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch {finished_epoch + 1} "
+                               f"(means over the models, layers summed): {callbacks_lib.round_summary(logs)}")
         return logs
 
     def _evaluate(self, distributed_data, callback_list=None):

@@ -1,17 +1,34 @@
 """Grafting and FilterStats in model.fit, end to end."""
 
+import contextlib
 import csv
+import io
+import math
 import os
 
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 import keras_graft
 from keras_graft import criteria
 
 from test_criteria import np_entropy
 from test_grafting import np_alpha, small_net
+
+
+def printed(function):
+    """(result, stdout lines) of ``function()`` with absl logging at WARNING: printing must not need logging."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    output = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(output):
+            result = function()
+    finally:
+        logging.set_verbosity(verbosity)
+    return result, output.getvalue().splitlines()
 
 
 def data(n=32, seed=0):
@@ -77,6 +94,20 @@ class GraftingCallbackTest(tf.test.TestCase):
         with open(csv_path) as handle:
             rows = list(csv.DictReader(handle))
         self.assertAllClose([float(r["graft_alpha"]) for r in rows], history.history["graft_alpha"])
+        # The headline keys: neutral (0) in the first epoch, measured in the others, in every CSV row.
+        for key in ("graft_alpha_spread", "graft_peer_distance"):
+            self.assertEqual(history.history[key][0], 0.0)
+            self.assertTrue(all(value > 0 for value in history.history[key][1:]), key)
+            self.assertAllClose([float(r[key]) for r in rows], history.history[key])
+        # The distance before the round opening epoch e is the one between the weights epoch e - 1 ended with
+        # and the (fixed) peer, over the trainable weights.
+        trainable = [i for i, w in enumerate(model.weights) if w.trainable]
+        theirs = peer.get_weights()
+        for epoch in (1, 2):
+            own = snapshot.end[epoch - 1]
+            expected = np.sqrt(sum(np.sum((own[i] - theirs[i]) ** 2) for i in trainable)
+                               / sum(np.sum(own[i] ** 2) for i in trainable))
+            self.assertAllClose(history.history["graft_peer_distance"][epoch], expected, rtol=1e-5)
 
     def test_final_graft_keeps_the_old_behaviour(self):
         model, peer = compiled(small_net(1)), small_net(2)
@@ -139,8 +170,55 @@ class GraftingCallbackTest(tf.test.TestCase):
             model.fit(*data(), epochs=1, verbose=0, callbacks=[keras_graft.Grafting([model])])
         with self.assertRaisesRegex(ValueError, "has no peers"):
             model.fit(*data(), epochs=1, verbose=0, callbacks=[keras_graft.Grafting()])
-        with self.assertRaisesRegex(TypeError, "peers must be"):
+        with self.assertRaisesRegex(TypeError, "peers must be a Keras model, a list of models or a PeerSource, "
+                                               "got 'model'"):
             keras_graft.Grafting("model")
+        with self.assertRaisesRegex(TypeError, "got peer 1 = 3"):
+            keras_graft.Grafting([small_net(2), 3])
+
+    def test_bad_types_name_the_argument(self):
+        peer = small_net(2)
+        for kwargs, error, message in [
+                ({"a": "0.4"}, TypeError, "a must be a number, got '0.4'"),
+                ({"c": [500]}, TypeError, r"c must be a number, got \[500\]"),
+                ({"a": float("nan")}, ValueError, "a must be a finite number, got nan"),
+                ({"every_n_epochs": "2"}, TypeError, "every_n_epochs must be an integer, got '2'"),
+                ({"every_n_epochs": 1.5}, ValueError, "every_n_epochs must be an integer >= 1, got 1.5"),
+                ({"final_graft": "yes"}, TypeError, "final_graft must be True or False, got 'yes'"),
+                ({"verbose": 2}, ValueError, "verbose must be 0 or 1, got 2"),
+                ({"verbose": "1"}, TypeError, "verbose must be 0 or 1, got '1'"),
+                ({"layers": 3}, TypeError, "layers must be None, a layer name, a list of layer names or a "
+                                           "callable.*got 3"),
+                ({"model": "student"}, TypeError, "model must be None or the Keras model to graft, got a str"),
+                ({"level": 1}, ValueError, "Unknown grafting level 1")]:
+            with self.assertRaisesRegex(error, message):
+                keras_graft.Grafting(peer, **kwargs)
+
+    def test_verbose_prints_one_line_per_round(self):
+        model, peer = compiled(small_net(1)), small_net(2)
+        callback = keras_graft.Grafting(peer, verbose=1)
+        history, lines = printed(lambda: model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[callback]))
+        lines = [line for line in lines if line.startswith("Grafting")]
+        self.assertLen(lines, 2)  # rounds after epochs 1 and 2
+        self.assertEqual(lines[1], f"Grafting '{model.name}', round after epoch 2: alpha "
+                                   f"{history.history['graft_alpha'][2]:.3f}, |alpha - 0.5| "
+                                   f"{history.history['graft_alpha_spread'][2]:.3f}, peer distance "
+                                   f"{history.history['graft_peer_distance'][2]:.3f}, 3 layers")
+        _, quiet = printed(lambda: compiled(small_net(3)).fit(*data(), batch_size=8, epochs=2, verbose=0,
+                                                              callbacks=[keras_graft.Grafting(peer)]))
+        self.assertEqual(quiet, [])
+
+    def test_several_peers_average_alpha_spread_and_distance(self):
+        logs = keras_graft.callbacks.merge_logs([keras_graft.GraftResult(["a"], [0.4], [False], [0.1], 0.2),
+                                                  keras_graft.GraftResult(["a"], [0.7], [False], [0.2], 0.4)])
+        self.assertAllClose([logs["graft_alpha"], logs["graft_alpha_spread"], logs["graft_peer_distance"]],
+                            [0.55, 0.15, 0.3])
+        self.assertEqual((logs["graft_layers"], logs["graft_skipped_layers"]), (2, 0))
+        model = compiled(small_net(1))
+        history = model.fit(*data(), batch_size=8, epochs=2, verbose=0,
+                            callbacks=[keras_graft.Grafting([small_net(2), small_net(3)])])
+        self.assertEqual(history.history["graft_layers"], [0, 6])
+        self.assertGreater(history.history["graft_peer_distance"][1], 0.0)
 
     def test_get_config(self):
         callback = keras_graft.Grafting([small_net(2)], criterion="l1", a=0.3, c=100, level="filter",
@@ -159,6 +237,53 @@ class GraftingCallbackTest(tf.test.TestCase):
 
 
 class FilterStatsTest(tf.test.TestCase):
+
+    def test_bad_arguments_name_the_argument(self):
+        for kwargs, error, message in [
+                ({"thresholds": "x"}, TypeError, "thresholds must be a number or a list of numbers, got 'x'"),
+                ({"thresholds": float("nan")}, ValueError, "thresholds must be finite numbers >= 0, got nan"),
+                ({"thresholds": [0.1, float("inf")]}, ValueError, r"thresholds must be finite.*\[0.1, inf\]"),
+                ({"thresholds": []}, ValueError, "thresholds must hold at least one number"),
+                ({"thresholds": [0.1, None]}, TypeError, "thresholds must be a number or a list"),
+                ({"bins": 1}, ValueError, "bins must be an integer >= 2, got 1"),
+                ({"include_dense": "yes"}, TypeError, "include_dense must be True or False, got 'yes'"),
+                ({"models": "model"}, TypeError, "models must be None or a list of Keras models, got 'model'"),
+                ({"verbose": 3}, ValueError, "verbose must be 0 or 1, got 3")]:
+            with self.assertRaisesRegex(error, message):
+                keras_graft.FilterStats(**kwargs)
+        self.assertEqual(keras_graft.FilterStats(np.array([0.1, 0.01])).thresholds, (0.1, 0.01))
+
+    def test_dense_only_model_fails_before_any_step_and_suggests_include_dense(self):
+        model = compiled(keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="hidden"),
+                                           keras.layers.Dense(3, name="out")]))
+        x, y = np.ones((16, 4), np.float32), np.arange(16) % 3
+        before = model.get_weights()
+        with self.assertRaisesRegex(ValueError, r"no convolution layers.*Dense layers \(hidden, out\).*"
+                                                r"FilterStats\(include_dense=True\)"):
+            model.fit(x, y, epochs=1, verbose=0, callbacks=[keras_graft.FilterStats()])
+        for old, now in zip(before, model.get_weights()):
+            self.assertAllEqual(old, now)  # no step ran
+        history = model.fit(x, y, epochs=1, verbose=0, callbacks=[keras_graft.FilterStats(include_dense=True)])
+        self.assertEqual(history.history["invalid_filters"], [0])
+
+    def test_non_finite_weights_give_nan(self):
+        model = small_net(1)
+        kernel = model.get_layer("conv2").kernel
+        kernel.assign(np.where(np.arange(kernel.numpy().size).reshape(kernel.shape) == 0, np.inf,
+                               kernel.numpy()).astype(np.float32))
+        stats = keras_graft.FilterStats(thresholds=[0.1, 0.01]).measure(model)
+        self.assertEqual(sorted(stats), ["invalid_filter_ratio_0.01", "invalid_filter_ratio_0.1",
+                                         "invalid_filters_0.01", "invalid_filters_0.1", "mean_entropy"])
+        self.assertTrue(all(math.isnan(value) for value in stats.values()), stats)
+
+    def test_verbose_prints_one_line_per_epoch(self):
+        model = compiled(small_net(1))
+        history, lines = printed(lambda: model.fit(*data(), batch_size=8, epochs=2, verbose=0,
+                                                   callbacks=[keras_graft.FilterStats(verbose=1)]))
+        lines = [line for line in lines if "FilterStats" in line]
+        self.assertEqual(lines, [f"Epoch {e + 1}: FilterStats: invalid_filters {history.history['invalid_filters'][e]},"
+                                 f" invalid_filter_ratio {history.history['invalid_filter_ratio'][e]:.4g}, "
+                                 f"mean_entropy {history.history['mean_entropy'][e]:.4g}" for e in range(2)])
 
     def test_logs_invalid_filters_and_entropy(self):
         model = compiled(small_net(1))

@@ -65,6 +65,8 @@ class EntropyTest(tf.test.TestCase, parameterized.TestCase):
             criteria.entropy(values, bins=1)
         with self.assertRaisesRegex(ValueError, "bins >= 2"):
             criteria.Entropy(bins=1)
+        with self.assertRaisesRegex(TypeError, "Entropy: bins must be an integer, got '10'"):
+            criteria.Entropy(bins="10")
 
     @parameterized.named_parameters(*[(name, build, shape, kind) for name, build, shape, kind in LAYERS])
     def test_per_filter_entropy_and_l1_for_every_layout(self, build, shape, kind):

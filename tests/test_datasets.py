@@ -193,6 +193,22 @@ class MissingDataTest(tf.test.TestCase):
                 D.load("fashion_mnist", data_dir=empty)
 
 
+    def test_message_for_other_option_names(self):
+        empty = self.get_temp_dir()
+        with self.assertRaises(D.DatasetUnavailableError) as raised:
+            D.load("cifar10", data_dir=empty)
+        self.assertIn("pass data_dir=DIR", str(raised.exception))
+        self.assertIn("download=True", str(raised.exception))
+        script = raised.exception.message_for(data_dir="--data_dir=DIR", download=None)
+        self.assertIn("pass --data_dir=DIR", script)
+        self.assertNotIn("download", script.replace("downloaded offline", ""))
+        missing = tempfile.mkdtemp(dir=self.get_temp_dir())
+        with self.assertRaises(D.DatasetUnavailableError) as raised:
+            D.fashion_mnist_local(missing)
+        self.assertIn("pass their folder as --data_dir=DIR",
+                      raised.exception.message_for(data_dir="--data_dir=DIR", download=None))
+
+
 class ReadIdxTest(tf.test.TestCase, parameterized.TestCase):
 
     def _write(self, data, name="a.idx", compress=False):
@@ -293,6 +309,26 @@ class LocalFashionMnistTest(tf.test.TestCase):
         ds = D.load("fashion_mnist", "test", batch_size=2500, data_dir=self.get_temp_dir(), image_size=32)
         self.assertEqual(int(ds.cardinality()), 4)
         self.assertEqual(ds.element_spec[0].shape.as_list(), [None, 32, 32, 1])
+
+    def test_fallback_to_local_files_warns_nothing(self):
+        empty = tempfile.mkdtemp(dir=self.get_temp_dir())
+        os.makedirs(os.path.join(empty, "fashion_mnist", "3.0.1"))  # a folder tfds would warn about
+        with mock.patch.object(D, "_tfds_stream", side_effect=AssertionError("tfds asked")) as tfds_stream:
+            with self.assertNoLogs(level="WARNING"):
+                ds = D.load("fashion_mnist", "test", batch_size=1000, subset=2000, data_dir=empty)
+        tfds_stream.assert_not_called()
+        self.assertEqual(int(ds.cardinality()), 2)
+
+    def test_prepared_tfds_data_is_read_through_tfds(self):
+        prepared = tempfile.mkdtemp(dir=self.get_temp_dir())
+        os.makedirs(os.path.join(prepared, "fashion_mnist", "3.0.1"))
+        with open(os.path.join(prepared, "fashion_mnist", "3.0.1", "dataset_info.json"), "w") as f:
+            f.write("{}")
+        fake = tf.data.Dataset.from_tensor_slices((np.zeros((4, 28, 28, 1), np.uint8), np.zeros(4, np.int64)))
+        with mock.patch.object(D, "_tfds_stream", return_value=fake) as tfds_stream:
+            ds = D.load("fashion_mnist", "test", batch_size=4, data_dir=prepared)
+        tfds_stream.assert_called_once()
+        self.assertEqual(int(ds.cardinality()), 1)
 
 
 class PerModelTest(tf.test.TestCase):

@@ -150,9 +150,9 @@ class CultivationTest(tf.test.TestCase):
 class BadInputTest(tf.test.TestCase):
 
     def test_errors(self):
-        with self.assertRaisesRegex(ValueError, "temperature must be > 0"):
+        with self.assertRaisesRegex(ValueError, "temperature must be a finite number > 0, got 0"):
             Distillation([classifier(1)], temperature=0)
-        with self.assertRaisesRegex(ValueError, "weight must be >= 0"):
+        with self.assertRaisesRegex(ValueError, "weight must be a finite number >= 0, got -1"):
             Distillation([classifier(1)], weight=-1)
         with self.assertRaisesRegex(ValueError, "nothing to learn from"):
             Distillation([])
@@ -162,6 +162,25 @@ class BadInputTest(tf.test.TestCase):
             Distillation([classifier(1, classes=5)]).build([classifier(2)])
         with self.assertRaisesRegex(FileNotFoundError, "does not exist"):
             Distillation(["/nonexistent/teacher.keras"]).build([classifier(2)])
+
+    def test_arguments_are_named(self):
+        teacher = classifier(1)
+        for kwargs, error, message in [
+                ({"weight": float("inf")}, ValueError, "Distillation: weight must be a finite number >= 0, got inf"),
+                ({"mutual_weight": float("nan")}, ValueError, "mutual_weight must be a finite number >= 0, got nan"),
+                ({"temperature": "2"}, TypeError, "temperature must be a number, got '2'"),
+                ({"temperature": float("inf")}, ValueError, "temperature must be a finite number > 0, got inf"),
+                ({"weight": None}, TypeError, "weight must be a number, got None"),
+                ({"mutual": "yes"}, TypeError, "mutual must be True or False, got 'yes'"),
+                ({"from_logits": 1}, TypeError, "from_logits must be True or False, got 1")]:
+            with self.assertRaisesRegex(error, message):
+                Distillation([teacher], **kwargs)
+        with self.assertRaisesRegex(TypeError, "teachers must be a Keras model, a path to a .keras file or a list "
+                                               "of them, got 3"):
+            Distillation(3)
+        with self.assertRaisesRegex(TypeError, "teacher 1 must be a Keras model or a path to a .keras file, got "
+                                               "None"):
+            Distillation([teacher, None])
 
     def test_teacher_from_file(self):
         path = os.path.join(self.get_temp_dir(), "teacher.keras")

@@ -6,9 +6,11 @@ collide with train.py's (plot_filters.py, quickstart.py) and the runs that need 
 MirroredStrategy over two logical CPUs, the exit status of a bad command line) run as subprocesses.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -167,6 +169,15 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         _check_png(self, png)
         self.assertIn("baseline: resnet8_w2, 30 filters", result.stdout)
 
+    def test_plot_filters_labels_runs_by_configuration(self):
+        png = os.path.join(self.dir, "filters_labels.png")
+        weights = [self.baseline["weights"][0], *self.graft["weights"]]
+        result = _script("plot_filters.py", f"--weights={','.join(weights)}", f"--output={png}")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("baseline: resnet8_w2, 30 filters", result.stdout)
+        self.assertIn("graft schedule=cosine lr_spread model 0: resnet8_w2", result.stdout)
+        self.assertIn("graft schedule=cosine lr_spread model 1: resnet8_w2", result.stdout)
+
     def test_plot_filters_with_model_flags_and_logs(self):
         png = os.path.join(self.dir, "filters_flags.png")
         weights = self.graft["weights"]
@@ -295,7 +306,14 @@ class ScriptProcessTest(tf.test.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("baseline  model 0", result.stdout)
         self.assertIn("graft     ensemble", result.stdout)
-        self.assertIn("epoch 1/1", result.stdout)
+        self.assertIn("epoch 2/2", result.stdout)
+        # Which test images each number uses, and the graft headline of the epoch its round opened.
+        self.assertIn("its test accuracy uses the first 256 test images, the final table the first 512", result.stdout)
+        self.assertIn("test acc (first 256 imgs)", result.stdout)
+        self.assertRegex(result.stdout, r"epoch 2/2 .*graft \|a-0\.5\| [0-9.]+ peer dist [0-9.]+")
+        self.assertNotIn("graft alpha", result.stdout)
+        self.assertIn("Why the two grafted models", result.stdout)
+        self.assertNotIn("tensorflow_datasets", result.stderr)
         _check_png(self, os.path.join(out, "filters.png"))
         with open(os.path.join(out, "results.json")) as f:
             results = json.load(f)
@@ -304,6 +322,130 @@ class ScriptProcessTest(tf.test.TestCase):
         self.assertEqual(results["graft"]["num_models"], 2)
         self.assertTrue(results["graft"]["config"]["lr_spread"])
         self.assertEqual(results["graft"]["config"]["schedule"], "cosine")
+
+
+class RunIdentityTest(tf.test.TestCase):
+    """Output folders named after the settings, no silent overwrite, warnings, messages, labels (no training)."""
+
+    def test_output_folder_is_named_after_every_setting_that_changes_the_run(self):
+        self.assertEqual(_common.resolve(_common.Config(method="graft")).output,
+                         os.path.join("runs", "graft_resnet32_cifar10", "results.json"))
+        variations = [dict(), dict(width=8), dict(depth=20), dict(epochs=2), dict(graft_every=3), dict(lr_spread=True),
+                      dict(seed=1), dict(lr=0.05), dict(a=0.3), dict(level="filter"), dict(train_subset=1000),
+                      dict(test_subset=500), dict(val_subset=200), dict(validate=False), dict(strategy="mirrored"),
+                      dict(num_models=3), dict(schedule="cosine"), dict(source="noise", num_models=1),
+                      dict(source="noise", num_models=1, threshold=0.05), dict(dataset="fashion_mnist_local"),
+                      dict(image_size=32, dataset="fashion_mnist_local"), dict(steps_per_epoch=10)]
+        names = [_common.resolve(_common.Config(method="graft", **v)).output for v in variations]
+        self.assertLen(set(names), len(names))
+        self.assertIn("-epochs=2-", _common.resolve(_common.Config(method="graft", epochs=2, graft_every=3)).output)
+        # Where files go does not change the run, so it does not change the name.
+        for location in (dict(tensorboard=False), dict(backup_dir="/tmp/b"), dict(data_dir="/data")):
+            self.assertEqual(_common.run_name(_common.resolve(_common.Config(method="graft", **location))),
+                             "graft_resnet32_cifar10")
+        # Two teachers of the same file name in different folders: two folders.
+        teachers = []
+        for folder in ("a", "b"):
+            path = os.path.join(self.get_temp_dir(), folder, "teacher.keras")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(path, "w").close()
+            teachers.append(_common.resolve(_common.Config(method="cultivate", teacher=path)).output)
+        self.assertNotEqual(teachers[0], teachers[1])
+        long = _common.resolve(_common.Config(method="repr", **{f: 3 for f in ("repr_s1", "repr_s2", "repr_cycles",
+                                                                                 "epochs", "lr_step_epochs", "seed",
+                                                                                 "train_subset", "test_subset",
+                                                                                 "val_subset", "steps_per_epoch")},
+                                              repr_ratio=0.25, lr=0.05, momentum=0.5, weight_decay=1e-4))
+        self.assertLessEqual(len(os.path.dirname(long.output)), len("runs/") + 150)
+
+    def _results_of(self, cfg):
+        _common.write_json(cfg.output, {"config": cfg.to_dict()})
+
+    def test_refuses_to_overwrite_another_configuration(self):
+        output = os.path.join(self.get_temp_dir(), "run", "results.json")
+        old = _common.resolve(_common.Config(method="graft", epochs=2, output=output))
+        self._results_of(old)
+        _common.check_output(old)  # The same configuration again (a resumed run) may write there.
+        _common.check_output(dataclasses.replace(old, tensorboard=False, backup_dir="/tmp/x"))
+        new = _common.resolve(_common.Config(method="graft", epochs=3, graft_every=2, output=output))
+        expected = (r"holds a run of another configuration(.|\n)*there: graft: 2 models(.|\n)*2 epochs(.|\n)*"
+                    r"here:  graft: 2 models(.|\n)*every 2 epochs(.|\n)*3 epochs(.|\n)*"
+                    r"--epochs=2 there, 3 here, --graft_every=1 there, 2 here")
+        with self.assertRaisesRegex(_common.ConfigError, expected):
+            _common.check_output(new)
+        with mock.patch.object(_common.GraftTrainer, "__init__", side_effect=AssertionError("built a trainer")):
+            with self.assertRaisesRegex(_common.ConfigError, "another configuration"):
+                _common.run(new)
+        with open(output, "w") as f:
+            f.write("not json")
+        with self.assertRaisesRegex(_common.ConfigError, "is not the results of a train.py run"):
+            _common.check_output(new)
+
+    def test_warns_when_no_graft_will_happen(self):
+        def warnings(**settings):
+            return _common.run_warnings(_common.resolve(_common.Config(**settings)))
+
+        self.assertEqual(warnings(method="graft", graft_every=2, epochs=3), [])
+        (message,) = warnings(method="graft", graft_every=3, epochs=2)
+        self.assertIn("--graft_every=3 with --epochs=2: no graft will happen", message)
+        self.assertIn("--epochs=4 or more", message)
+        self.assertLen(warnings(method="graft", epochs=1), 1)  # no round follows the final epoch
+        self.assertIn("no scion will be grafted", warnings(method="graft", source="noise", graft_every=3,
+                                                           epochs=2)[0])
+        self.assertEqual(warnings(method="graft", source="noise", graft_every=2, epochs=2), [])
+        self.assertIn("RePr will drop no filter", warnings(method="repr", repr_s1=5, epochs=5)[0])
+        self.assertEqual(warnings(method="baseline", epochs=1), [])
+        for epochs, every, rounds in ((4, 1, 3), (4, 2, 1), (5, 2, 2), (1, 1, 0)):
+            cfg = _common.resolve(_common.Config(method="graft", epochs=epochs, graft_every=every))
+            self.assertEqual(_common.graft_rounds(cfg), rounds)
+
+    @unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files are not installed")
+    def test_run_logs_the_warning_before_training(self):
+        output = os.path.join(self.get_temp_dir(), "warned", "results.json")
+        cfg = _common.Config(method="graft", dataset="fashion_mnist_local", model="resnet8", width=2, epochs=2,
+                             graft_every=3, train_subset=64, batch_size=32, output=output)
+        with mock.patch.object(_common.GraftTrainer, "fit", side_effect=AssertionError("training started")):
+            with self.assertLogs(level="WARNING") as logs:
+                with self.assertRaisesRegex(AssertionError, "training started"):
+                    _common.run(cfg)
+        self.assertTrue(any("no graft will happen" in line for line in logs.output), logs.output)
+
+    def test_missing_data_message_names_flags_train_py_has(self):
+        empty = tempfile.mkdtemp(dir=self.get_temp_dir())
+        cfg = _common.Config(dataset="cifar10", data_dir=empty, model="resnet8", width=2, epochs=1,
+                             output=os.path.join(empty, "out", "results.json"))
+        with mock.patch.object(_common.GraftTrainer, "fit", side_effect=AssertionError("training started")):
+            with self.assertRaises(_common.ConfigError) as raised:
+                _common.run(cfg)
+        message = str(raised.exception)
+        self.assertIn("pass --data_dir=DIR", message)
+        self.assertNotIn("download=True", message)
+        for flag in re.findall(r"(?<![\w-])--(\w+)", message):
+            self.assertIn(flag, FLAGS, f"the message names --{flag}, a flag train.py lacks: {message}")
+
+    def test_run_labels_tell_runs_apart_by_configuration(self):
+        runs = [_common.resolve(_common.Config(**s)) for s in (dict(method="baseline"),
+                                                               dict(method="graft", lr_spread=True),
+                                                               dict(method="graft", graft_every=3),
+                                                               dict(method="graft", width=8))]
+        self.assertEqual(_common.run_labels(runs), ["baseline resnet32", "graft resnet32 lr_spread",
+                                                    "graft resnet32 graft_every=3", "graft resnet32_w8"])
+        self.assertEqual(_common.run_labels([runs[0].to_dict(), runs[1].to_dict()]), ["baseline",
+                                                                                      "graft lr_spread"])
+
+    def test_epoch_line_headline_is_spread_and_distance(self):
+        lines = []
+        logger = _common.EpochLogger(lines.append, epochs=3, num_models=2, val_images=2000)
+        logger.on_epoch_begin(1)
+        logger.on_epoch_end(1, {"loss": 1.0, "val_accuracy_0": 0.5, "val_accuracy_1": 0.6, "graft_alpha": 0.5,
+                                "graft_alpha_spread": 0.0573, "graft_peer_distance": 0.2468, "graft_layers": 20})
+        logger.on_epoch_begin(0)
+        logger.on_epoch_end(0, {"loss": 1.0, "graft_alpha": 1.0, "graft_alpha_spread": 0.0,
+                                "graft_peer_distance": 0.0, "graft_layers": 0})
+        self.assertIn("graft |a-0.5| 0.057 peer dist 0.247", lines[0])
+        self.assertIn("test acc (first 2000 imgs) 0.5000 0.6000", lines[0])
+        self.assertNotIn("alpha 0.5", lines[0])
+        self.assertIn("no graft", lines[1])
 
 
 if __name__ == "__main__":

@@ -71,8 +71,22 @@ class LayerLevelTest(tf.test.TestCase):
                 for own, other, now in zip(before[layer], theirs[layer], layer_weights(model, layer)):
                     self.assertAllClose(now, alpha * own + (1 - alpha) * other, rtol=1e-5, atol=1e-6)
         self.assertAllClose(result.alphas, expected_alphas, rtol=1e-5)
-        self.assertEqual(result.logs(), {"graft_alpha": np.mean(expected_alphas).astype(np.float32).item(),
-                                         "graft_layers": 3, "graft_skipped_layers": 0})
+        # The peer distance covers the grafted trainable weights (not the BN moving statistics), before the round.
+        # Each layer's first two weights: kernel and bias, or gamma and beta.
+        trainable = [(layer, i) for layer in ("conv1", "bn1", "conv2", "bn2", "head") for i in range(2)]
+        gap = sum(np.sum((before[layer][i] - theirs[layer][i]) ** 2) for layer, i in trainable)
+        norm = sum(np.sum(before[layer][i] ** 2) for layer, i in trainable)
+        logs = result.logs()
+        self.assertEqual(sorted(logs), ["graft_alpha", "graft_alpha_spread", "graft_layers", "graft_peer_distance",
+                                        "graft_skipped_layers"])
+        self.assertAllClose(logs["graft_alpha"], np.mean(expected_alphas), rtol=1e-6)
+        self.assertAllClose(logs["graft_alpha_spread"], np.mean(np.abs(np.array(expected_alphas) - 0.5)), rtol=1e-5)
+        self.assertAllClose(logs["graft_peer_distance"], np.sqrt(gap / norm), rtol=1e-5)
+        self.assertEqual((logs["graft_layers"], logs["graft_skipped_layers"]), (3, 0))
+        self.assertGreater(logs["graft_alpha_spread"], 0.0)
+        # Grafting the same peer again: the distance shrinks by the mixing (model and peer have moved closer).
+        again = grafting.graft(model, peer).logs()
+        self.assertLess(again["graft_peer_distance"], logs["graft_peer_distance"])
         # The peer is untouched.
         for layer in theirs:
             for old, now in zip(theirs[layer], layer_weights(peer, layer)):
@@ -102,6 +116,22 @@ class LayerLevelTest(tf.test.TestCase):
         self.assertAllClose(models[0].weights[0].numpy(), alpha * before[0][0] + (1 - alpha) * before[1][0],
                             rtol=1e-5)
         self.assertAllClose(results[0].alphas + results[1].alphas, np.ones(3), rtol=1e-6)
+        # The mean alpha over the two models is 0.5 by construction; the spread and the distance are not.
+        logs = [r.logs() for r in results]
+        self.assertAllClose((logs[0]["graft_alpha"] + logs[1]["graft_alpha"]) / 2, 0.5, rtol=1e-6)
+        self.assertAllClose(logs[0]["graft_alpha_spread"], logs[1]["graft_alpha_spread"], rtol=1e-5)
+        self.assertAllClose(logs[0]["graft_alpha_spread"], np.mean(np.abs(results[0].alphas - 0.5)), rtol=1e-5)
+        trainable = [i for i, w in enumerate(models[0].weights) if w.trainable]
+        for k in range(2):
+            own, peer = before[k], before[1 - k]
+            expected = np.sqrt(sum(np.sum((own[i] - peer[i]) ** 2) for i in trainable)
+                               / sum(np.sum(own[i] ** 2) for i in trainable))
+            self.assertAllClose(logs[k]["graft_peer_distance"], expected, rtol=1e-5)
+        # After the round the two models are equal: the next round measures distance 0 and mixes nothing new.
+        again = [r.logs() for r in grafting.RingGrafter(models)()]
+        self.assertAllClose([again[0]["graft_peer_distance"], again[1]["graft_peer_distance"]], [0.0, 0.0],
+                            atol=1e-6)
+        self.assertAllClose(again[0]["graft_alpha_spread"], 0.0, atol=1e-6)
 
     def test_ring_of_three_reads_pre_round_weights(self):
         models = [small_net(s) for s in (1, 2, 3)]
@@ -203,11 +233,46 @@ class BadInputTest(tf.test.TestCase):
         self.assertEqual(sorted(result.skipped), ["conv1", "conv2"])
         self.assertEqual(result.logs()["graft_skipped_layers"], 2)
         self.assertTrue(any("'conv2'" in line and "not finite" in line for line in logs.output))
+        # Spread and distance cover the grafted group only (head), and stay finite.
+        head = (before["head"], layer_weights(peer, "head"))
+        expected = np.sqrt(sum(np.sum((o - p) ** 2) for o, p in zip(*head)) / sum(np.sum(o ** 2) for o in head[0]))
+        self.assertAllClose(result.logs()["graft_peer_distance"], expected, rtol=1e-5)
+        self.assertAllClose(result.alpha_spread, abs(result.alphas[2] - 0.5), rtol=1e-5)
         for layer in ("conv1", "bn1", "conv2", "bn2"):
             for old, now in zip(before[layer], layer_weights(model, layer)):
                 self.assertAllEqual(old, now)
         self.assertNotAllClose(before["head"][0], layer_weights(model, "head")[0])
         self.assertTrue(all(np.isfinite(w).all() for w in model.get_weights()))
+
+
+class LogsTest(tf.test.TestCase):
+
+    def test_idle_logs_have_the_keys_of_a_round(self):
+        result = grafting.graft(small_net(1), small_net(2))
+        idle = grafting.idle_logs()
+        self.assertEqual(sorted(idle), sorted(result.logs()))
+        self.assertEqual(idle, {"graft_alpha": 1.0, "graft_alpha_spread": 0.0, "graft_peer_distance": 0.0,
+                                "graft_layers": 0, "graft_skipped_layers": 0})
+
+    def test_filter_level_spread_averages_over_filters(self):
+        model, peer = small_net(1), small_net(2)
+        g_self, g_peer = (np.abs(m.get_layer("bn1").gamma.numpy()) for m in (model, peer))
+        result = grafting.graft(model, peer, level="filter", layers=["conv1"])
+        self.assertAllClose(result.alpha_spread, np.mean(np.abs(g_self / (g_self + g_peer) - 0.5)), rtol=1e-5)
+
+    def test_graft_arrays_logs_the_same_as_graft_model(self):
+        model, twin, peer = small_net(1), small_net(1), small_net(2)
+        from_model = grafting.Grafter(model).graft_model(peer).logs()
+        from_arrays = grafting.Grafter(twin).graft_arrays(peer.get_weights()).logs()
+        for key, value in from_model.items():
+            self.assertAllClose(from_arrays[key], value, rtol=1e-6, msg=key)
+
+    def test_type_errors_name_the_argument(self):
+        model, peer = small_net(1), small_net(2)
+        with self.assertRaisesRegex(TypeError, "a must be a number, got '0.4'"):
+            grafting.Grafter(model, a="0.4")
+        with self.assertRaisesRegex(TypeError, "c must be a number, got None"):
+            grafting.RingGrafter([model, peer], c=None)
 
 
 class StrategyTest(tf.test.TestCase):

@@ -1,8 +1,12 @@
 """RePr: overlap score, ranking, schedule, held-at-zero filters, orthogonal re-initialisation, distribution."""
 
+import contextlib
+import io
+
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from absl.testing import parameterized
 
 from keras_graft import criteria, layouts
@@ -139,6 +143,25 @@ class ScoreTest(tf.test.TestCase, parameterized.TestCase):
 
 
 class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
+
+    def test_verbose_prints_one_line_per_event(self):
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity(logging.WARNING)  # printing must not need absl logging at INFO
+        try:
+            lines = {}
+            for verbose in (0, 1):
+                model = compiled(conv_net())
+                output = io.StringIO()
+                with contextlib.redirect_stdout(output):
+                    model.fit(*data(), batch_size=8, epochs=3, verbose=0,
+                              callbacks=[RePr(s1=1, s2=1, prune_ratio=0.25, cycles=1, verbose=verbose)])
+                lines[verbose] = [line for line in output.getvalue().splitlines() if "RePr" in line]
+        finally:
+            logging.set_verbosity(verbosity)
+        self.assertEqual(lines[0], [])
+        self.assertLen(lines[1], 2)
+        self.assertRegex(lines[1][0], r"^RePr '.*' cycle 1: dropped 4 filters after 1 epochs \{")
+        self.assertRegex(lines[1][1], r"^RePr '.*' cycle 1: re-initialised 4 filters after 2 epochs \{")
 
     def test_phase_at(self):
         expected = ["full"] * 2 + ["pruned"] * 3 + ["full"] * 2 + ["pruned"] * 3 + ["done"] * 3
@@ -437,7 +460,7 @@ class DistributedTest(tf.test.TestCase):
 class BadInputTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters(
-        {"prune_ratio": 0.0}, {"prune_ratio": 1.0}, {"prune_ratio": -0.2}, {"prune_ratio": "0.3"},
+        {"prune_ratio": 0.0}, {"prune_ratio": 1.0}, {"prune_ratio": -0.2},
         {"s1": 0}, {"s2": -1}, {"s1": 1.5}, {"cycles": 0}, {"cycles": True},
         {"unit": "batch"}, {"criterion": "bn_scale"}, {"criterion": "nope"},
     )
@@ -445,6 +468,17 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
         kwargs = dict(dict(s1=1, s2=1), **override)
         with self.assertRaises(ValueError):
             RePr(**kwargs)
+
+    @parameterized.named_parameters(
+        ("prune_ratio", {"prune_ratio": "0.3"}, TypeError, "prune_ratio must be a number, got '0.3'"),
+        ("s1", {"s1": "20"}, TypeError, "s1 must be a positive integer, got '20'"),
+        ("verbose", {"verbose": 2}, ValueError, "verbose must be 0 or 1, got 2"),
+        ("seed", {"seed": "x"}, TypeError, "seed must be an integer, got 'x'"),
+        ("unit", {"unit": 1}, ValueError, "Unknown RePr unit 1"),
+    )
+    def test_arguments_are_named(self, override, error, message):
+        with self.assertRaisesRegex(error, message):
+            RePr(**dict(dict(s1=1, s2=1), **override))
 
     def assert_fails_before_training(self, model, repr_callback, message):
         before = [w.numpy() for w in model.weights]

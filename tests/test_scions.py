@@ -204,6 +204,17 @@ class CommonTest(tf.test.TestCase):
             scions.NoiseScion(initial_sigma=0.0)
         with self.assertRaisesRegex(ValueError, "seed"):
             scions.NoiseScion(seed=1.5)
+        # Wrong types name the argument and the value.
+        with self.assertRaisesRegex(TypeError, "InternalScion: threshold must be a number, got '0.1'"):
+            scions.InternalScion(threshold="0.1")
+        with self.assertRaisesRegex(TypeError, "NoiseScion: sigma_decay must be a number, got None"):
+            scions.NoiseScion(sigma_decay=None)
+        with self.assertRaisesRegex(TypeError, "NoiseScion: initial_sigma must be a number, got '1'"):
+            scions.NoiseScion(initial_sigma="1")
+        with self.assertRaisesRegex(TypeError, "NoiseScion: seed must be an integer, got 'abc'"):
+            scions.NoiseScion(seed="abc")
+        with self.assertRaisesRegex(ValueError, r"NoiseScion: sigma_decay must be a number in \(0, 1\), got 1.0"):
+            scions.NoiseScion(sigma_decay=1.0)
         model = conv_net(0)
         for bad in (-1, 1.5):
             with self.assertRaisesRegex(ValueError, "round_index"):

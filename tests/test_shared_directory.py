@@ -197,6 +197,21 @@ class SharedDirectoryTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, message):
             sd.SharedDirectory(self.dir, rank, world_size)
 
+    @parameterized.named_parameters(
+        ("path", dict(path=None), TypeError, "SharedDirectory: path must be a path .*got None"),
+        ("empty_path", dict(path=""), ValueError, "SharedDirectory: path must be a non-empty path, got ''"),
+        ("rank", dict(rank="0"), TypeError, "SharedDirectory: rank must be an integer, got '0'"),
+        ("world_size", dict(world_size="2"), TypeError, "SharedDirectory: world_size must be an integer, got '2'"),
+        ("timeout", dict(timeout="60"), TypeError, "SharedDirectory: timeout must be a number, got '60'"),
+        ("poll_interval", dict(poll_interval=float("nan")), ValueError, "poll_interval must be a finite number > 0, "
+                                                                         "got nan"),
+        ("keep", dict(keep="all"), TypeError, "SharedDirectory: keep must be an integer, got 'all'"),
+    )
+    def test_arguments_are_named(self, override, error, message):
+        kwargs = dict(dict(path=self.dir, rank=0, world_size=2), **override)
+        with self.assertRaisesRegex(error, message):
+            sd.SharedDirectory(**kwargs)
+
     def test_rounds_must_increase(self):
         self.publish_as(1, self.peer, 3)
         source = self.directory()

@@ -1,5 +1,7 @@
 """Tests of GraftTrainer: strategies, grafting, diversity, callbacks and logs, NaN handling, backup, bad input."""
+import contextlib
 import csv
+import io
 import math
 import os
 import subprocess
@@ -8,6 +10,7 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from absl.testing import parameterized
 
 from keras_graft import schedules, strategies
@@ -97,6 +100,19 @@ class LearningRateTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(first, np.array([0.05, 0.1]) * 0.5, atol=1e-6)
         self.assertAllClose([history.history[f"learning_rate_{k}"][1] for k in range(2)], [0.0, 0.0], atol=1e-7)
 
+    def test_schedule_arguments_are_named(self):
+        with self.assertRaisesRegex(TypeError, "CosineAnnealing: alpha must be a number, got '0'"):
+            schedules.CosineAnnealing(0.1, 10, 5, alpha="0")
+        with self.assertRaisesRegex(TypeError, "StepDecay: every_epochs must be an integer, got '60'"):
+            schedules.StepDecay(0.1, "60")
+        with self.assertRaisesRegex(TypeError, "StepDecay: milestones must be a list of epochs, got '60'"):
+            schedules.StepDecay(0.1, None, milestones="60")
+        with self.assertRaisesRegex(TypeError, "StepDecay: initial_learning_rate must be a number, got None"):
+            schedules.StepDecay(None, 60)
+        self.assertEqual(schedules.StepDecay(0.1, None, milestones=np.array([2, 5])).milestones, [2, 5])
+        with self.assertRaisesRegex(TypeError, "PeerEnsemble: peers must be a non-empty list of Keras models"):
+            PeerEnsemble("peers")
+
     def test_step_schedule_spec(self):
         factory = schedules.schedule_factory({"name": "step", "every_epochs": 1, "factor": 0.5}, 10, 2)
         self.assertAllClose(float(factory(0.4)(5)), 0.4 * 0.5**2)
@@ -158,6 +174,63 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(history.history["graft_alpha_0"][1], 1.0)
         alphas = [history.history[f"graft_alpha_{k}"][2] for k in range(2)]
         self.assertAllClose(sum(alphas), 1.0, atol=1e-6)  # arctan is odd: alpha_0 + alpha_1 = 1 for N = 2.
+        # So the mean graft_alpha is 0.5; the headline keys move with the graft instead.
+        self.assertAllClose(history.history["graft_alpha"][2], 0.5, atol=1e-6)
+        spread = history.history["graft_alpha_spread"][2]
+        self.assertGreater(spread, 0.0)
+        self.assertGreater(history.history["graft_peer_distance"][2], 1e-3)
+        for k in range(2):
+            self.assertAllClose(history.history[f"graft_alpha_spread_{k}"][2], spread, atol=1e-6)
+        # Epochs that no round opened log the same keys at neutral values.
+        for epoch in (0, 1, 3):
+            self.assertEqual([history.history[key][epoch] for key in ("graft_alpha", "graft_alpha_spread",
+                                                                      "graft_peer_distance", "graft_layers")],
+                             [1.0, 0.0, 0.0, 0])
+            self.assertEqual(history.history["graft_peer_distance_1"][epoch], 0.0)
+
+    def test_peer_distance_measures_the_drift_before_the_round(self):
+        x, y = tiny_data(32)
+        before_round = []
+
+        class Record(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                peers = self.model.peers
+                trainable = [(a.numpy(), b.numpy()) for a, b in zip(peers[0].trainable_weights,
+                                                                    peers[1].trainable_weights)]
+                before_round.append([np.sqrt(sum(np.sum((o - p) ** 2) for o, p in pairs)
+                                             / sum(np.sum(o ** 2) for o, _ in pairs))
+                                     for pairs in (trainable, [(b, a) for a, b in trainable])])
+
+        trainer = make_trainer(2, grafting=Grafting(), lr_spread=True)
+        history = trainer.fit((x, y), epochs=3, batch_size=8, verbose=0, callbacks=[Record()])
+        for epoch in (1, 2):  # The round opening epoch e measured the weights epoch e - 1 ended with.
+            for k in range(2):
+                self.assertAllClose(history.history[f"graft_peer_distance_{k}"][epoch], before_round[epoch - 1][k],
+                                    rtol=1e-4)
+        # After the first round the peers start every epoch equal: the drift of one epoch is far smaller than
+        # the distance between two random initialisations.
+        self.assertLess(history.history["graft_peer_distance"][2], history.history["graft_peer_distance"][1])
+
+    def test_verbose_grafting_prints_one_line_per_round(self):
+        x, y = tiny_data(16)
+        absl_verbosity = logging.get_verbosity()
+        logging.set_verbosity(logging.WARNING)  # printing must not depend on logging being configured
+        try:
+            printed = {}
+            for verbose in (0, 1):
+                trainer = make_trainer(2, grafting=Grafting(verbose=verbose))
+                output = io.StringIO()
+                with contextlib.redirect_stdout(output):
+                    trainer.fit((x, y), epochs=3, batch_size=8, verbose=0)
+                printed[verbose] = [line for line in output.getvalue().splitlines() if "Grafting" in line]
+        finally:
+            logging.set_verbosity(absl_verbosity)
+        self.assertEqual(printed[0], [])
+        self.assertLen(printed[1], 2)  # rounds after epochs 1 and 2; none after the final epoch
+        self.assertRegex(printed[1][0], r"^Grafting 2 models in a ring, round after epoch 1 \(means over the models, "
+                                        r"layers summed\): alpha 0\.500, \|alpha - 0\.5\| [0-9.]+, peer distance "
+                                        r"[0-9.]+, 4 layers$")
+        self.assertIn("round after epoch 2", printed[1][1])
 
     def test_last_logged_validation_is_what_fit_returns(self):
         x, y = tiny_data(32)
@@ -376,6 +449,29 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
         message = r"Model 1 .* has shape \(64, 3\) in the model but .* \(64, 4\) in the peer"
         with self.assertRaisesRegex(ValueError, message):
             make_trainer(2, model_fn=lambda: build_model(units=next(units)))
+
+    def test_model_instance_instead_of_a_function(self):
+        model = build_model()
+        with self.assertRaisesRegex(TypeError, r"model_fn must be a function that builds a model, got a Model "
+                                               r"\('.*'\).*lambda"):
+            make_trainer(2, model_fn=model)
+        with self.assertRaisesRegex(TypeError, "model_fn must be a function that builds a model, got 'resnet'"):
+            make_trainer(2, model_fn="resnet")
+
+    @parameterized.named_parameters(
+        ("num_models", dict(num_models="2"), TypeError, "num_models must be an integer >= 1, got '2'"),
+        ("metrics", dict(metrics="accuracy"), TypeError, "metrics must be a list.*got 'accuracy'"),
+        ("lr_spread", dict(lr_spread="yes"), TypeError, "lr_spread must be True or False, got 'yes'"),
+        ("seed", dict(seed=1.5), ValueError, "seed must be an integer, got 1.5"),
+        ("backup_dir", dict(backup_dir=3), TypeError, "backup_dir must be a path.*got 3"),
+        ("distillation", dict(distillation="teacher.keras"), TypeError,
+         "distillation must be None or a keras_graft.Distillation, got 'teacher.keras'"),
+        ("steps_per_execution", dict(steps_per_execution="4"), TypeError, "steps_per_execution must be an integer"),
+        ("grafting_a", dict(grafting={"a": "0.4"}), TypeError, "a must be a number, got '0.4'"),
+    )
+    def test_arguments_are_named(self, kwargs, error, message):
+        with self.assertRaisesRegex(error, message):
+            make_trainer(**kwargs)
 
     def test_same_model_object_twice(self):
         model = build_model()
