@@ -79,6 +79,7 @@ class Config:
     """One experiment. None means "not given": :func:`resolve` fills the method's default or rejects it."""
 
     method: str = "baseline"
+    protocol: str = "default"
     model: str = "resnet32"
     depth: int = None
     width: int = None
@@ -92,7 +93,7 @@ class Config:
     momentum: float = 0.9
     schedule: str = "step"
     lr_step_epochs: int = 60
-    lr_spread: bool = False
+    lr_spread: bool = None
     weight_decay: float = 5e-4
     # Grafting (graft, cultivate).
     criterion: str = None
@@ -151,6 +152,28 @@ def _positive_int(value, flag, allow_none=False):
         raise ConfigError(f"--{flag} must be a positive integer, got {value!r}.")
 
 
+PROTOCOLS = ("default", "reference")
+# fxmeng/filter-grafting, grafting_cifar/grafting.py: its defaults (--difflr on, no --cos), 2 models.
+REFERENCE_PROTOCOL = {"num_models": 2, "epochs": 200, "batch_size": 128, "lr": 0.1, "momentum": 0.9,
+                      "schedule": "step", "lr_step_epochs": 60, "lr_spread": True, "weight_decay": 5e-4,
+                      "source": "external", "criterion": "entropy", "level": "layer", "a": 0.4, "c": 500.0,
+                      "graft_every": 1}
+
+
+def _apply_reference_protocol(cfg):
+    """--protocol=reference: every setting of the reference's grafting run; a flag that contradicts one fails."""
+    if cfg.method != "graft":
+        raise ConfigError(f"--protocol=reference reproduces the reference's grafting run: use --method=graft, not "
+                          f"--method={cfg.method}.")
+    defaults = Config()
+    for key, value in REFERENCE_PROTOCOL.items():
+        given = getattr(cfg, key)
+        if given != getattr(defaults, key) and given != value:
+            raise ConfigError(f"--protocol=reference sets --{key}={value!r}; got --{key}={given!r}. Drop one of "
+                              "the two.")
+        setattr(cfg, key, value)
+
+
 def resolve(cfg, check_files=True):
     """A copy of ``cfg`` with the method's defaults filled in; raises ConfigError on bad or contradictory settings.
 
@@ -161,6 +184,10 @@ def resolve(cfg, check_files=True):
     cfg = dataclasses.replace(cfg)
     if cfg.method not in METHODS:
         raise ConfigError(f"Unknown --method={cfg.method!r}; valid methods: {', '.join(METHODS)}.")
+    if cfg.protocol not in PROTOCOLS:
+        raise ConfigError(f"Unknown --protocol={cfg.protocol!r}; valid: {', '.join(PROTOCOLS)}.")
+    if cfg.protocol == "reference":
+        _apply_reference_protocol(cfg)
     if cfg.dataset not in datasets.NAMES:
         raise ConfigError(f"Unknown --dataset={cfg.dataset!r}; valid datasets: {', '.join(datasets.NAMES)}.")
     if cfg.strategy not in strategies.NAMES:
@@ -261,6 +288,8 @@ def resolve(cfg, check_files=True):
     if cfg.lr_spread and cfg.num_models < 2:
         raise ConfigError("--lr_spread spreads the initial learning rates over several models; with one model it "
                           "does nothing. Drop it or use --num_models=2 or more.")
+    if cfg.lr_spread is None:  # The reference's default (--difflr) wherever networks graft each other.
+        cfg.lr_spread = method in _GRAFT_METHODS and cfg.source == "external" and cfg.num_models >= 2
 
     # Distillation.
     if method in _DISTILL_METHODS:

@@ -49,6 +49,10 @@ import _common  # noqa: E402
 _METHODS_HELP = "; ".join(f"{name}: {text}" for name, text in _common.METHOD_HELP.items())
 
 flags.DEFINE_enum("method", "baseline", list(_common.METHODS), f"Training method. {_METHODS_HELP}.")
+flags.DEFINE_enum("protocol", "default", list(_common.PROTOCOLS), "reference: every setting of the reference "
+                  "code's grafting run (2 models, 200 epochs, batch 128, SGD 0.1 momentum 0.9, weight decay 5e-4, "
+                  "lr x0.1 every 60 epochs, lr spread, entropy, a=0.4, c=500, a graft after every epoch); a flag "
+                  "that contradicts it is an error. Needs --method=graft.")
 flags.DEFINE_string("model", "resnet32", "Network: one of keras_graft.models.available() (resnet20/32/44/56/110, "
                     "their _leaky variants, mobilenetv2, vgg16_bn, wrn28_10), or resnet<6n+2> / wrn<6n+4>_<k> for "
                     "other depths.")
@@ -70,8 +74,9 @@ flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 flags.DEFINE_enum("schedule", "step", list(_common.SCHEDULES), "Learning-rate schedule, per step: step (x0.1 every "
                   "--lr_step_epochs epochs), cosine (annealing to 0 over --epochs), constant.")
 flags.DEFINE_integer("lr_step_epochs", 60, "Epochs between the x0.1 drops of --schedule=step.")
-flags.DEFINE_bool("lr_spread", False, "Give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2 "
-                  "(the papers' diversity between peers).")
+flags.DEFINE_bool("lr_spread", None, "Give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2 "
+                  "(the papers' diversity between peers). Default: on for --method=graft|cultivate between "
+                  "networks (the reference's --difflr), off otherwise.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay, as L2 regularisers in the models.")
 # Grafting.
 flags.DEFINE_enum("criterion", None, list(_common.CRITERIA), "Grafting information criterion (default: entropy for "

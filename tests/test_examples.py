@@ -175,8 +175,8 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         result = _script("plot_filters.py", f"--weights={','.join(weights)}", f"--output={png}")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("baseline: resnet8_w2, 30 filters", result.stdout)
-        self.assertIn("graft schedule=cosine lr_spread model 0: resnet8_w2", result.stdout)
-        self.assertIn("graft schedule=cosine lr_spread model 1: resnet8_w2", result.stdout)
+        self.assertIn("graft schedule=cosine model 0: resnet8_w2", result.stdout)
+        self.assertIn("graft schedule=cosine model 1: resnet8_w2", result.stdout)
 
     def test_plot_filters_with_model_flags_and_logs(self):
         png = os.path.join(self.dir, "filters_flags.png")
@@ -224,6 +224,11 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
         ("bad_save_model", dict(save_model="model.h5"), "--save_model must end in .keras"),
         ("bad_epochs", dict(epochs=0), "--epochs must be a positive integer"),
         ("step_epochs_cosine", dict(schedule="cosine", lr_step_epochs=30), "--lr_step_epochs is for --schedule=step"),
+        ("reference_not_graft", dict(method="cultivate", protocol="reference"), "use --method=graft"),
+        ("reference_contradicted", dict(method="graft", protocol="reference", schedule="cosine"),
+         "--protocol=reference sets --schedule='step'; got --schedule='cosine'"),
+        ("reference_no_spread", dict(method="graft", protocol="reference", lr_spread=False), "--lr_spread"),
+        ("unknown_protocol", dict(protocol="paper"), "Unknown --protocol"),
     )
     def test_resolve(self, settings, message):
         with self.assertRaisesRegex(_common.ConfigError, message):
@@ -238,6 +243,15 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual((cfg.criterion, cfg.level, cfg.a, cfg.c, cfg.source), ("entropy", "layer", 0.4, 500.0,
                                                                                  "external"))
         self.assertEqual(_common.resolve(_common.Config(method="graft", source="noise")).num_models, 1)
+        # The reference's --difflr: the learning-rate spread is on where networks graft each other.
+        self.assertTrue(cfg.lr_spread)
+        self.assertTrue(_common.resolve(_common.Config(method="cultivate", teacher=__file__ + ".keras"),
+                                        check_files=False).lr_spread)
+        for method in ("baseline", "ensemble", "mutual"):
+            self.assertFalse(_common.resolve(_common.Config(method=method)).lr_spread)
+        self.assertFalse(_common.resolve(_common.Config(method="graft", lr_spread=False)).lr_spread)
+        reference = _common.resolve(_common.Config(method="graft", protocol="reference", epochs=200))
+        self.assertEqual(_common.run_settings(reference), {**_common.run_settings(cfg), "protocol": "reference"})
         self.assertEqual(_common.resolve(_common.Config(method="graft", level="filter")).criterion, "bn_scale")
         spec = _common.model_spec(_common.resolve(_common.Config(model="resnet8", width=4)))
         self.assertEqual((spec.depth, spec.width, spec.label), (8, 4, "resnet8_w4"))
