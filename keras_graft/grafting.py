@@ -232,20 +232,24 @@ class Grafter:
         alphas, skipped = self._model_functions[key]()
         return self._result(alphas, skipped, f"peer '{peer.name}'")
 
-    def graft_arrays(self, peer_weights, peer_label="peer"):
-        """Grafts weights given as arrays or tensors in ``model.weights`` order (e.g. loaded from a file)."""
+    def graft_arrays(self, peer_weights, peer_label="peer", peer_usable=True):
+        """Grafts weights given as arrays or tensors in ``model.weights`` order (e.g. loaded from a file).
+
+        ``peer_usable=False`` (an unhealthy peer) keeps the model's own weights: every group counts as skipped.
+        """
         peer_weights = list(peer_weights)
         if len(peer_weights) != len(self.model.weights):
             raise ValueError(f"{peer_label} has {len(peer_weights)} weights, model '{self.model.name}' has "
                              f"{len(self.model.weights)}.")
         flat = np.concatenate([np.asarray(peer_weights[i], np.float32).ravel()
                                for i in self.structure.grafted_indices])
-        alphas, skipped = self._array_function(flat, tf.constant(True))
-        return self._result(alphas, skipped, peer_label)
+        alphas, skipped = self._array_function(flat, tf.constant(bool(peer_usable)))
+        return self._result(alphas, skipped, peer_label, warn=bool(peer_usable))
 
-    def _result(self, alphas, skipped, peer_label):
+    def _result(self, alphas, skipped, peer_label, warn=True):
         result = GraftResult(self.group_names, alphas.numpy(), skipped.numpy())
-        result.warn_skipped(f"{self.model.name} <- {peer_label}")
+        if warn:
+            result.warn_skipped(f"{self.model.name} <- {peer_label}")
         return result
 
 
