@@ -41,15 +41,20 @@ flags.DEFINE_bool("save_grafts", False, "Save the weights after every graft.")
 FLAGS = flags.FLAGS
 
 
+def _marker(point):
+    return os.path.join(FLAGS.out, f"rank{FLAGS.rank}-killed-{point.replace(':', '-')}")
+
+
+def armed(point):
+    """Whether --kill lists ``point`` and it has not fired yet."""
+    return point in FLAGS.kill and not os.path.exists(_marker(point))
+
+
 def fire(point):
     """Dies (exit code 3) at a kill point listed in --kill, once."""
-    if point not in FLAGS.kill:
-        return
-    marker = os.path.join(FLAGS.out, f"rank{FLAGS.rank}-killed-{point.replace(':', '-')}")
-    if os.path.exists(marker):
-        return
-    open(marker, "w").close()
-    os._exit(3)
+    if armed(point):
+        open(_marker(point), "w").close()
+        os._exit(3)
 
 
 def install_kill_points(peers):
@@ -62,7 +67,8 @@ def install_kill_points(peers):
 
     def write_and_die_halfway(path, data):
         for point in FLAGS.kill:
-            if point.startswith("during_write:") and path == peers.filename(int(point.split(":")[1])):
+            if point.startswith("during_write:") and path == peers.filename(int(point.split(":")[1])) and \
+                    armed(point):
                 directory, name = path.rsplit("/", 1)
                 with open(f"{directory}/.{name}.tmp-killed", "wb") as f:
                     f.write(data[: len(data) // 2])
