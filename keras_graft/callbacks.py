@@ -25,6 +25,9 @@ class Grafting(keras.callbacks.Callback):
     and a resumed run grafts exactly once. No round follows the final epoch (or an early stop) unless
     ``final_graft=True``: the weights ``fit`` returns are the ones last validated.
 
+    A peer source that keeps the run's state (:class:`keras_graft.SharedDirectory`) restores a killed process when
+    training begins: ``fit`` then starts after the last epoch the process completed and the pending round runs once.
+
     Adds to ``logs`` every epoch, describing the round that opened it (alpha 1 and 0 layers when none did):
     ``graft_alpha`` (mean coefficient of the model's own weights), ``graft_layers`` (groups grafted) and
     ``graft_skipped_layers`` (groups whose peer weights were not finite). Put it before CSVLogger or TensorBoard

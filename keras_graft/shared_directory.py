@@ -882,7 +882,7 @@ class SharedDirectory(peers.PeerSource):
         if self._last_round is not None and round_index <= self._last_round:
             raise ValueError(
                 f"SharedDirectory rank {self.rank} already grafted round {self._last_round}; rounds must increase. "
-                "To continue training, pass initial_epoch to model.fit (or use keras.callbacks.BackupAndRestore)."
+                "To continue training, pass initial_epoch to model.fit (a restarted process resumes by itself)."
             )
         self._check_claim()
         model = grafter.model
@@ -940,6 +940,7 @@ class SharedDirectory(peers.PeerSource):
             return None
         self._model, self._fit_model, self._epochs = model, fit_model, epochs
         self._join_run()
+        self._claim()
         final = self._load(self.final_filename(), "final", model, fit_model)
         final_epoch = int(final.meta["epoch"]) if final is not None else -1
         chosen, kind = final, "final"

@@ -838,8 +838,9 @@ class GraftTrainer:
         per model, mean and ensemble (``val_loss_0``, ``val_accuracy``, ``val_accuracy_ensemble``), learning rates
         (``learning_rate_0``), ``nonfinite_models`` (models whose epoch loss is NaN or Inf), ``unhealthy_models``
         (those and the models whose loss exceeds ``max_loss_ratio`` times the best: they are not grafted into their
-        peers, and the ensemble's validation averages the others) and, with grafting on, ``graft_alpha_k``, ``graft_layers_k``, ``graft_skipped_layers_k``
-        and their merge ``graft_alpha``, ``graft_layers``, ``graft_skipped_layers``.
+        peers, and the ensemble's validation averages the others) and, with grafting on, ``graft_alpha_k``,
+        ``graft_layers_k``, ``graft_skipped_layers_k`` and their merge ``graft_alpha``, ``graft_layers``,
+        ``graft_skipped_layers``.
 
         Rounds follow the reference protocol (train -> validate -> save -> graft): the round after epoch e opens
         epoch e + 1, so ``val_*``, the backup and the callbacks of epoch e see the weights before it, and epoch

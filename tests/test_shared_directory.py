@@ -256,8 +256,9 @@ class SharedDirectoryTest(tf.test.TestCase, parameterized.TestCase):
         source = self.directory(timeout=60)
         tracemalloc.start()
         try:
-            with self.assertRaisesRegex(sd.InvalidWeightsError, rf"{re.escape(path)}: .*has shape \(3, 3, 1, 4\) in the "
-                                                                r"model but .* has shape \(16777216,\)"):
+            with self.assertRaisesRegex(sd.InvalidWeightsError,
+                                        rf"{re.escape(path)}: .*has shape \(3, 3, 1, 4\) in the model but .* has "
+                                        r"shape \(16777216,\)"):
                 source.graft_round(grafting.Grafter(self.model), 0)
             _, peak = tracemalloc.get_traced_memory()
         finally:
