@@ -11,7 +11,7 @@ from keras_graft.grafting import Grafter, GraftResult, RingGrafter, adaptive_coe
 from keras_graft.peers import ModelPeers, PeerSource
 from keras_graft.reactivation import RePr
 from keras_graft.scions import InternalScion, NoiseScion
-from keras_graft.shared_directory import SharedDirectory, UnreadableWeightsError
+from keras_graft.shared_directory import InvalidWeightsError, RankConflictError, SharedDirectory, UnreadableWeightsError
 from keras_graft.trainer import GraftTrainer, PeerEnsemble
 
 __version__ = "0.1.0"

@@ -28,6 +28,9 @@ class Grafting(keras.callbacks.Callback):
     and a resumed run grafts exactly once. No round follows the final epoch (or an early stop) unless
     ``final_graft=True``: the weights ``fit`` returns are the ones last validated.
 
+    A peer source that keeps the run's state (:class:`keras_graft.SharedDirectory`) restores a killed process when
+    training begins: ``fit`` then starts after the last epoch the process completed and the pending round runs once.
+
     Adds to ``logs`` every epoch, describing the round that opened it (the neutral values in brackets when none
     did, so CSVLogger sees the same columns every epoch); put it before CSVLogger or TensorBoard in the callback
     list so they record these values:
@@ -107,28 +110,52 @@ class Grafting(keras.callbacks.Callback):
         if self.peers is None:
             raise ValueError("Grafting has no peers: pass peers=[model, ...] or a PeerSource (peers=None is only "
                              "for GraftTrainer, whose models graft in a ring).")
+        self._last_epoch = None
+        self._done_round = None
+        self._resumed = False
+        self._set_initial_epoch = False
         target = self.target if self.target is not None else self.model
         if target.built and target.weights:
             self.grafter()
+            # A peer source that keeps the run's state (SharedDirectory) restores a killed run here.
+            point = self.peers.restore(target, self.model, (self.params or {}).get("epochs"))
+            if point is not None:
+                self._resumed = True
+                self._last_epoch = point.last_epoch
+                self._done_round = point.last_epoch if point.round_done else None
+                self._initial_epoch_before = getattr(self.model, "_initial_epoch", None)
+                self._set_initial_epoch = True
+                self.model._initial_epoch = point.start_epoch  # where Keras' fit starts (as BackupAndRestore sets)
 
     def round_due(self, epoch):
         """Whether a round follows (0-based) epoch ``epoch``: after epochs n, 2n, ..."""
         return (epoch + 1) % self.every_n_epochs == 0
 
     def on_epoch_begin(self, epoch, logs=None):
+        if getattr(self, "_resumed", False):
+            self._resumed = False
+            self.peers.confirm_restore(epoch)
         self._round_logs = self.peers.idle_logs()
         self._last_epoch = epoch
-        if epoch > 0 and self.round_due(epoch - 1):
+        if epoch > 0 and self.round_due(epoch - 1) and getattr(self, "_done_round", None) != epoch - 1:
             self._round_logs = self._run_round(epoch - 1)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.peers.record_epoch(epoch, logs)
         if logs is not None:
             logs.update(self._round_logs)
 
     def on_train_end(self, logs=None):
         last = getattr(self, "_last_epoch", None)
-        if self.final_graft and last is not None and self.round_due(last):
+        round_done = last is not None and getattr(self, "_done_round", None) == last
+        if self.final_graft and last is not None and self.round_due(last) and not round_done:
             self._run_round(last)
+            round_done = True
+        if getattr(self, "_set_initial_epoch", False):
+            self._set_initial_epoch = False
+            self.model._initial_epoch = self._initial_epoch_before  # a later fit starts where it is asked to
+        target = self.target if self.target is not None else self.model
+        self.peers.finish(target, last, round_done)
 
     def _run_round(self, round_index):
         """Grafts the round that follows epoch ``round_index``; returns its logs."""

@@ -76,6 +76,8 @@ def entropy(kernel, bins=10, per_filter=False, filter_axes=-1):
     if int(bins) < 2:
         raise ValueError(f"entropy needs at least 2 bins, got bins={bins}.")
     kernel = tf.convert_to_tensor(kernel)
+    if kernel.shape.num_elements() == 0:
+        raise ValueError(f"entropy of an empty tensor (shape {tuple(kernel.shape)}): there are no values to bin.")
     if per_filter:
         return _row_entropy(filter_rows(kernel, filter_axes), int(bins))
     return _tensor_entropy(kernel, int(bins))

@@ -104,8 +104,16 @@ class Distillation:
                              "learn from but teachers.")
         self.teachers = [_load_teacher(t) for t in self.teacher_sources]
         student_shape = tuple(students[0].outputs[0].shape[1:])
+        student_inputs = [tuple(t.shape[1:]) for t in students[0].inputs]
         for m, teacher in enumerate(self.teachers):
             teacher.trainable = False
+            teacher_inputs = [tuple(t.shape[1:]) for t in getattr(teacher, "inputs", None) or []]
+            if teacher_inputs and (len(teacher_inputs) != len(student_inputs) or not all(
+                    tf.TensorShape(t).is_compatible_with(s) for t, s in zip(teacher_inputs, student_inputs))):
+                shown = teacher_inputs[0] if len(teacher_inputs) == 1 else teacher_inputs
+                expected = student_inputs[0] if len(student_inputs) == 1 else student_inputs
+                raise ValueError(f"Teacher {m} ('{teacher.name}') takes inputs of shape {shown} but the students take "
+                                 f"{expected}; a teacher reads the students' batches, so its inputs must match.")
             teacher_shape = tuple(teacher.outputs[0].shape[1:])
             if teacher_shape != student_shape:
                 raise ValueError(f"Teacher {m} ('{teacher.name}') outputs shape {teacher_shape} but the students "

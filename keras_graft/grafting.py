@@ -293,20 +293,25 @@ class Grafter:
             )
         return self._result(self._model_functions[key](), f"peer '{peer.name}'")
 
-    def graft_arrays(self, peer_weights, peer_label="peer"):
-        """Grafts weights given as arrays or tensors in ``model.weights`` order (e.g. loaded from a file)."""
+    def graft_arrays(self, peer_weights, peer_label="peer", peer_usable=True):
+        """Grafts weights given as arrays or tensors in ``model.weights`` order (e.g. loaded from a file).
+
+        ``peer_usable=False`` (an unhealthy peer) keeps the model's own weights: every group counts as skipped.
+        """
         peer_weights = list(peer_weights)
         if len(peer_weights) != len(self.model.weights):
             raise ValueError(f"{peer_label} has {len(peer_weights)} weights, model '{self.model.name}' has "
                              f"{len(self.model.weights)}.")
         flat = np.concatenate([np.asarray(peer_weights[i], np.float32).ravel()
                                for i in self.structure.grafted_indices])
-        return self._result(self._array_function(flat, tf.constant(True)), peer_label)
+        outputs = self._array_function(flat, tf.constant(bool(peer_usable)))
+        return self._result(outputs, peer_label, warn=bool(peer_usable))
 
-    def _result(self, outputs, peer_label):
+    def _result(self, outputs, peer_label, warn=True):
         alphas, skipped, spreads, distance = (t.numpy() for t in outputs)
         result = GraftResult(self.group_names, alphas, skipped, spreads, distance)
-        result.warn_skipped(f"{self.model.name} <- {peer_label}")
+        if warn:
+            result.warn_skipped(f"{self.model.name} <- {peer_label}")
         return result
 
 

@@ -24,6 +24,24 @@ class PeerSource(abc.ABC):
         (alpha 1, spread and peer distance 0, 0 layers), so that CSVLogger sees the same columns every epoch."""
         return grafting.idle_logs()
 
+    def restore(self, model, fit_model, epochs):
+        """Before training: loads the state a killed run left, if the source keeps one (SharedDirectory does).
+
+        ``model`` is the grafted model, ``fit_model`` the one ``fit`` trains, ``epochs`` fit's argument. Returns None
+        (start as fit was asked) or an object with ``start_epoch``, ``last_epoch`` (the last epoch trained) and
+        ``round_done`` (whether the round after it already ran). Default: None.
+        """
+        return None
+
+    def confirm_restore(self, epoch):
+        """The first epoch after a restore begins at ``epoch``; raises if that is not where the state ends."""
+
+    def record_epoch(self, epoch, logs):
+        """An epoch ended with these logs (the loss a SharedDirectory publishes with the weights)."""
+
+    def finish(self, model, last_epoch, round_done):
+        """``fit`` returned after ``last_epoch`` (None: no epoch ran); ``round_done``: the round after it ran."""
+
     @abc.abstractmethod
     def graft_round(self, grafter, round_index):
         """Grafts the peers' weights of round ``round_index`` into ``grafter.model``; returns GraftResults."""

@@ -16,10 +16,13 @@ number of replicas here for the same reason; logged losses are multiplied back.
 """
 
 import inspect
+import json
 import math
 import numbers
+import re
 import shutil
 import tempfile
+import uuid
 
 import keras
 import numpy as np
@@ -127,6 +130,23 @@ def _output_activation(loss, output_shape):
     return "sigmoid" if output_shape[-1] == 1 else "softmax"
 
 
+def _healthy_mean(probabilities, healthy):
+    """The ensemble's mean over the models flagged healthy whose outputs for an example are finite.
+
+    An example for which no healthy model has finite outputs takes the mean over the models that do; NaN when none
+    does. So one diverged (NaN or exploded) model never turns the ensemble's predictions into NaN.
+    """
+    stacked = tf.stack([tf.convert_to_tensor(p) for p in probabilities])  # (models, batch, ...)
+    flat = tf.reshape(stacked, [tf.shape(stacked)[0], tf.shape(stacked)[1], -1])
+    finite = tf.reduce_all(tf.math.is_finite(flat), axis=-1)  # (models, batch)
+    use = tf.logical_and(finite, tf.reshape(tf.cast(healthy, tf.bool), [-1, 1]))
+    use = tf.where(tf.reduce_any(use, axis=0, keepdims=True), use, finite)
+    weights = tf.reshape(tf.cast(use, stacked.dtype),
+                         tf.concat([tf.shape(use), tf.ones([tf.rank(stacked) - 2], tf.int32)], 0))
+    values = tf.where(tf.cast(weights, tf.bool), stacked, tf.zeros_like(stacked))
+    return tf.reduce_sum(values * weights, axis=0) / tf.reduce_sum(weights, axis=0)
+
+
 def _replicas():
     return tf.distribute.get_strategy().num_replicas_in_sync
 
@@ -183,32 +203,137 @@ class _ModelMetrics:
             metric.reset_state()
 
 
+def _seed_states(model):
+    """The states of a model's random seed generators (Dropout, ...): its variables that are not weights."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _spec(variable):
+    return [list(variable.shape), str(variable.dtype)]
+
+
 class _Backup:
-    """Checkpoints of all models, optimizer states, the epoch and the data seed in ``directory``.
+    """Checkpoints of all models, optimizer states, seed generators, the epoch and the data seed in ``directory``.
 
     Only the chief writes there; the other workers of a multi-worker strategy save to a temporary directory they
     delete (the standard TensorFlow pattern: every worker must take part in saving). CheckpointManager writes the
     data files first and then renames the "checkpoint" index into place, so a killed run leaves the last complete
-    checkpoint.
+    checkpoint; two are kept. Restoring checks every tensor of the newest checkpoint (CRC-32C) and falls back to the
+    previous one, with a warning naming the damaged files. ``graft_trainer.json`` next to the checkpoints records the
+    configuration (number of models, layers and weights, optimizers, seed generators); a checkpoint of another
+    configuration is refused with an error that says what differs.
     """
 
-    def __init__(self, directory, checkpoint, strategy):
-        self.directory = directory
+    SIGNATURE = "graft_trainer.json"
+
+    def __init__(self, directory, checkpoint, strategy, signature):
+        self.directory = directory.rstrip("/") if directory != "/" else directory
         self.checkpoint = checkpoint
         self.strategy = strategy
+        self.signature = signature
         self._manager = None
+        self._signature_written = False
+
+    @staticmethod
+    def check_directory(directory):
+        """Fails before training when ``directory`` cannot hold checkpoints (a file, or not creatable)."""
+        if tf.io.gfile.exists(directory) and not tf.io.gfile.isdir(directory):
+            raise ValueError(f"backup_dir {directory!r} is a file, not a directory: GraftTrainer writes its "
+                             "checkpoints into a directory.")
+        try:
+            tf.io.gfile.makedirs(directory)
+        except (tf.errors.OpError, OSError) as error:
+            raise ValueError(f"backup_dir {directory!r} cannot be created: {error}") from None
+
+    def _candidates(self):
+        """Checkpoint prefixes in the directory, newest first (also those the state file no longer lists)."""
+        if not tf.io.gfile.isdir(self.directory):
+            return []
+        numbers = set()
+        for name in tf.io.gfile.listdir(self.directory):
+            match = re.match(r"^ckpt-(\d+)\.(index|data-\d+-of-\d+)$", name)
+            if match:
+                numbers.add(int(match.group(1)))
+        return [f"{self.directory}/ckpt-{n}" for n in sorted(numbers, reverse=True)]
+
+    @staticmethod
+    def _defect(prefix):
+        """None when every tensor of the checkpoint reads back intact; else (files, what is wrong)."""
+        index = f"{prefix}.index"
+        data = sorted(tf.io.gfile.glob(f"{prefix}.data-*"))
+        if not tf.io.gfile.exists(index):
+            return index, "the .index file is missing"
+        if not data:
+            return f"{prefix}.data-*", "the data file is missing"
+        try:
+            reader = tf.train.load_checkpoint(prefix)
+            for name in reader.get_variable_to_shape_map():
+                reader.get_tensor(name)
+        except Exception as error:  # noqa: BLE001 - any failure to read a tensor back means a damaged file
+            message = (str(getattr(error, "message", error)).strip().splitlines() or [""])[0]
+            return ", ".join([index, *data]), f"{type(error).__name__}: {message}"
+        return None
+
+    def _check_signature(self):
+        path = f"{self.directory}/{self.SIGNATURE}"
+        if not tf.io.gfile.exists(path):
+            return  # written by an older version: the restore itself checks what it can
+        try:
+            with tf.io.gfile.GFile(path, "r") as f:
+                saved = json.loads(f.read())
+        except (ValueError, tf.errors.OpError) as error:
+            logging.warning("GraftTrainer: cannot read %s (%s); restoring without comparing configurations.", path,
+                            error)
+            return
+        differences = _signature_differences(saved, self.signature)
+        if differences:
+            raise ValueError(f"GraftTrainer: backup_dir {self.directory} holds checkpoints of another configuration "
+                             f"({path}): " + "; ".join(differences) + ". Use another backup_dir for this "
+                             "configuration, or delete the old one.")
 
     def restore(self):
-        """Restores the latest checkpoint; returns True when there was one."""
-        path = tf.train.latest_checkpoint(self.directory)
-        if path is None:
+        """Restores the newest intact checkpoint; returns True when there was one.
+
+        Raises ValueError when the checkpoints belong to another configuration or none of them is intact.
+        """
+        candidates = self._candidates()
+        if not candidates:
             return False
-        self.checkpoint.restore(path).assert_existing_objects_matched()
-        logging.info("GraftTrainer: restored %s.", path)
-        return True
+        self._check_signature()
+        problems = []
+        for prefix in candidates:
+            defect = self._defect(prefix)
+            if defect is not None:
+                files, what = defect
+                logging.warning("GraftTrainer: checkpoint %s is damaged (%s: %s); falling back to the previous one.",
+                                prefix, files, what)
+                problems.append(f"{files}: {what}")
+                continue
+            try:
+                self.checkpoint.restore(prefix).assert_existing_objects_matched()
+            except (AssertionError, ValueError, tf.errors.OpError) as error:
+                raise ValueError(f"GraftTrainer: checkpoint {prefix} in backup_dir does not fit this trainer (another "
+                                 f"number of models, architecture or optimizer?): {error}") from None
+            logging.info("GraftTrainer: restored %s.", prefix)
+            return True
+        raise ValueError(f"GraftTrainer: no intact checkpoint in backup_dir {self.directory}: "
+                         + "; ".join(problems) + ". Delete the damaged files (or the directory) to start over.")
+
+    def _write_signature(self):
+        if self._signature_written:
+            return
+        path = f"{self.directory}/{self.SIGNATURE}"
+        temporary = f"{self.directory}/.{self.SIGNATURE}.tmp-{uuid.uuid4().hex}"
+        tf.io.gfile.makedirs(self.directory)
+        with tf.io.gfile.GFile(temporary, "w") as f:
+            f.write(json.dumps(self.signature, indent=1))
+        tf.io.gfile.rename(temporary, path, overwrite=True)
+        self._signature_written = True
 
     def save(self):
         if self.strategy.extended.should_checkpoint:
+            self._write_signature()
             if self._manager is None:
                 self._manager = tf.train.CheckpointManager(self.checkpoint, self.directory, max_to_keep=2)
             self._manager.save()
@@ -218,6 +343,43 @@ class _Backup:
             tf.train.CheckpointManager(self.checkpoint, scratch, max_to_keep=1).save()
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _signature_differences(saved, current):
+    """What differs between two configuration signatures, in words."""
+    differences = []
+    if saved.get("num_models") != current["num_models"]:
+        differences.append(f"number of models: {saved.get('num_models')} in the checkpoint, {current['num_models']} "
+                           "here")
+    if saved.get("layers") != current["layers"]:
+        differences.append(f"architecture: layers {saved.get('layers')} in the checkpoint, {current['layers']} here")
+    elif saved.get("weights") != current["weights"]:
+        old, new = saved.get("weights") or [], current["weights"]
+        for i, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                differences.append(f"architecture: weight {i} has shape {tuple(a[0])} ({a[1]}) in the checkpoint, "
+                                   f"{tuple(b[0])} ({b[1]}) here")
+                break
+        else:
+            differences.append(f"architecture: {len(old)} weights per model in the checkpoint, {len(new)} here")
+    old_optimizers = saved.get("optimizers") or []
+    for k, (a, b) in enumerate(zip(old_optimizers, current["optimizers"])):
+        if a.get("class") != b["class"]:
+            differences.append(f"optimizer of model {k}: {a.get('class')} in the checkpoint, {b['class']} here")
+            break
+        if a.get("variables") != b["variables"] and not differences:  # an architecture change changes them too
+            old_count, new_count = len(a.get("variables") or []), len(b["variables"])
+            what = (f"{old_count} variables in the checkpoint, {new_count} here" if old_count != new_count
+                    else "its variables have other shapes or dtypes")
+            differences.append(f"optimizer of model {k}: {what} (other settings, e.g. momentum or EMA?)")
+            break
+    if saved.get("seed_generators") != current["seed_generators"] and not differences:
+        differences.append(f"random seed generators per model: {saved.get('seed_generators')} in the checkpoint, "
+                           f"{current['seed_generators']} here")
+    if saved.get("distillation") != current["distillation"]:
+        differences.append(f"distillation: {saved.get('distillation')} in the checkpoint, {current['distillation']} "
+                           "here")
+    return differences
 
 
 def _grafting_settings(grafting):
@@ -281,8 +443,14 @@ class GraftTrainer:
         callable initial_rate -> LearningRateSchedule; applied per step to every model's rate.
       data_order: "per_model" (each model its own shuffle) or "shared" (all models see the same batches).
       seed: seeds the models' initialisation (``keras.utils.set_random_seed``) and the data order. None: random
-        (the data seed is still kept in the backup, so a resumed run sees the same data order).
-      backup_dir: directory for checkpoints after every epoch; ``fit`` resumes from the last one.
+        (the data seed is still kept in the backup, so a resumed run sees the same data order). tf.data combines
+        the data seed with TensorFlow's global seed, which this sets: restart a run with the same ``seed``.
+      backup_dir: directory for checkpoints after every epoch; ``fit`` resumes exactly from the last intact one
+        (models, optimizers, seed generators, epoch, data seed, health flags), refuses checkpoints of another
+        configuration, and falls back to the previous checkpoint when the newest is damaged.
+      max_loss_ratio: a model is unhealthy after an epoch whose loss is not finite or exceeds this multiple of the
+        best model's loss (when that is positive); unhealthy models are not grafted into their peers and the
+        ensemble leaves them out. None: only non-finite losses count. Default 10.
       distillation: a :class:`keras_graft.Distillation`: cultivation (with grafting) or deep mutual learning.
         Teachers run inside the same compiled step, once per batch with ``data_order="shared"`` (which the mutual
         option needs, so that students compare predictions on the same images), otherwise once per model's batch.
@@ -296,7 +464,8 @@ class GraftTrainer:
 
     def __init__(self, model_fn, num_models=2, optimizer="sgd", loss=None, metrics=None, grafting=None,
                  strategy=None, lr_spread=False, lr_schedule=None, data_order="per_model", seed=None,
-                 backup_dir=None, distillation=None, steps_per_execution=1, shared_initialization=False):
+                 backup_dir=None, distillation=None, steps_per_execution=1, shared_initialization=False,
+                 max_loss_ratio=10.0):
         _check_arguments(model_fn, metrics, lr_spread, seed, backup_dir, distillation)
         if not isinstance(num_models, numbers.Real):
             raise TypeError(f"GraftTrainer: num_models must be an integer >= 1, got {checks.shown(num_models)}.")
@@ -322,6 +491,11 @@ class GraftTrainer:
             raise ValueError("Mutual distillation compares the students' predictions on the same batch: use "
                              "data_order='shared'.")
         self.lr_spread = bool(lr_spread)
+        if max_loss_ratio is not None and not (max_loss_ratio >= 1 and math.isfinite(max_loss_ratio)):
+            raise ValueError(f"max_loss_ratio must be a finite number >= 1 or None, got {max_loss_ratio!r}.")
+        self.max_loss_ratio = None if max_loss_ratio is None else float(max_loss_ratio)
+        if backup_dir is not None:
+            _Backup.check_directory(str(backup_dir))
         self.backup_dir = backup_dir
         if seed is not None:
             keras.utils.set_random_seed(seed)
@@ -357,9 +531,11 @@ class GraftTrainer:
             self._ring = grafting_lib.RingGrafter(self.models, g.criterion, g.a, g.c, g.level, g.layers)
         self._backup = None
         if backup_dir is not None:
+            # Seed generator states (Dropout, ...) are not weights: listed explicitly so a resume is exact.
             checkpoint = tf.train.Checkpoint(models=self.models, optimizers=self.optimizers, epoch=self._epoch,
-                                             data_seed=self._data_seed, healthy_models=self._healthy)
-            self._backup = _Backup(backup_dir, checkpoint, self.strategy)
+                                             data_seed=self._data_seed, healthy_models=self._healthy,
+                                             seed_generators=[_seed_states(m) for m in self.models])
+            self._backup = _Backup(str(backup_dir), checkpoint, self.strategy, self._signature())
         self._trackers = None
         self._train_function = None
         self._test_function = None
@@ -368,6 +544,20 @@ class GraftTrainer:
         self._sync_function = None
 
     # Construction.
+
+    def _signature(self):
+        """The configuration a checkpoint must match (JSON-able): models, architecture, optimizers, seeds."""
+        model = self.models[0]
+        return {
+            "format": 1,
+            "num_models": self.num_models,
+            "layers": [type(layer).__name__ for layer in model.layers],
+            "weights": [_spec(w) for w in model.weights],
+            "optimizers": [{"class": type(opt).__name__, "variables": [_spec(v) for v in opt.variables]}
+                           for opt in self.optimizers],
+            "seed_generators": len(_seed_states(model)),
+            "distillation": self.distillation is not None,
+        }
 
     def _build_models(self, model_fn):
         models = [model_fn() for _ in range(self.num_models)]
@@ -619,7 +809,7 @@ class GraftTrainer:
             if self.distillation is not None:
                 tracker.update_terms(tf.shape(y_pred)[0], task_loss=task, distill_loss=d)
             probabilities.append(self.ensemble.probabilities(y_pred))
-        ensemble = keras.ops.mean(keras.ops.stack(probabilities), axis=0)
+        ensemble = _healthy_mean(probabilities, self._healthy)
         self._ensemble_tracker.update(self._ensemble_loss(y, ensemble), y, ensemble)
 
     def _make_test_function(self):
@@ -689,8 +879,10 @@ class GraftTrainer:
 
         Logs per model (``loss_0``, ``accuracy_1``), their mean over models (``loss``, ``accuracy``), validation
         per model, mean and ensemble (``val_loss_0``, ``val_accuracy``, ``val_accuracy_ensemble``), learning rates
-        (``learning_rate_0``), ``nonfinite_models`` (models whose epoch loss is NaN or Inf; they are not grafted
-        into their peers) and, with grafting on, per model k (grafting model k-1 into model k):
+        (``learning_rate_0``), ``nonfinite_models`` (models whose epoch loss is NaN or Inf), ``unhealthy_models``
+        (those and the models whose loss exceeds ``max_loss_ratio`` times the best: they are not grafted into their
+        peers, and the ensemble's validation averages the others) and, with grafting on, per model k (grafting
+        model k-1 into model k):
 
         * ``graft_alpha_k``: the mean coefficient of model k's own weights over the grafted layers;
         * ``graft_alpha_spread_k``: the mean |alpha - 0.5| over them (0: a plain average; at most a / 2);
@@ -778,11 +970,9 @@ class GraftTrainer:
             if self.ensemble.stop_training:
                 break
         logs = {name: value for name, value in self._results().items() if not name.endswith("_ensemble")}
-        healthy = [math.isfinite(logs[f"loss_{k}"]) for k in range(self.num_models)]
-        logs["nonfinite_models"] = healthy.count(False)
-        if not all(healthy):
-            logging.warning("Epoch %d: models %s have a non-finite loss; they are not grafted into their peers.",
-                            epoch + 1, [k for k, ok in enumerate(healthy) if not ok])
+        healthy = self._health([logs[f"loss_{k}"] for k in range(self.num_models)], epoch)
+        logs["nonfinite_models"] = sum(not math.isfinite(logs[f"loss_{k}"]) for k in range(self.num_models))
+        logs["unhealthy_models"] = healthy.count(False)
         self._healthy.assign(healthy)
         self._sync_replicas()
         logs.update(graft_logs)
@@ -795,6 +985,25 @@ class GraftTrainer:
             self._backup.save()
         callback_list.on_epoch_end(epoch, logs)
         return logs
+
+    def _health(self, losses, epoch):
+        """Which models are healthy after an epoch with these losses: finite, and within ``max_loss_ratio`` times
+        the best loss (when that is positive). Warns about the others."""
+        finite = [math.isfinite(loss) for loss in losses]
+        best = min((loss for loss, ok in zip(losses, finite) if ok), default=None)
+        limit = None
+        if self.max_loss_ratio is not None and best is not None and best > 0:
+            limit = self.max_loss_ratio * best
+        healthy = [ok and (limit is None or loss <= limit) for loss, ok in zip(losses, finite)]
+        if not all(finite):
+            logging.warning("Epoch %d: models %s have a non-finite loss; they are not grafted into their peers and "
+                            "the ensemble leaves them out.", epoch + 1, [k for k, ok in enumerate(finite) if not ok])
+        exploded = [k for k, (ok, good) in enumerate(zip(finite, healthy)) if ok and not good]
+        if exploded:
+            logging.warning("Epoch %d: models %s have a loss above %g x the best (%.6g, max_loss_ratio): %s; they are "
+                            "not grafted into their peers and the ensemble leaves them out.", epoch + 1, exploded,
+                            self.max_loss_ratio, best, [losses[k] for k in exploded])
+        return healthy
 
     def _idle_graft_logs(self):
         """Graft logs of an epoch that no round opened (none without grafting): the keys of a round, neutral."""
@@ -866,4 +1075,5 @@ class GraftTrainer:
         outputs = [np.concatenate(chunks) for chunks in outputs]
         if not ensemble:
             return outputs
-        return np.mean([keras.ops.convert_to_numpy(self.ensemble.probabilities(o)) for o in outputs], axis=0)
+        probabilities = [keras.ops.convert_to_numpy(self.ensemble.probabilities(o)) for o in outputs]
+        return keras.ops.convert_to_numpy(_healthy_mean(probabilities, self._healthy.numpy()))

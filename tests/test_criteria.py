@@ -68,6 +68,11 @@ class EntropyTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(TypeError, "Entropy: bins must be an integer, got '10'"):
             criteria.Entropy(bins="10")
 
+    def test_empty_tensor_is_a_clear_error(self):
+        for per_filter, shape in ((False, (0,)), (False, (3, 3, 0, 4)), (True, (3, 3, 2, 0))):
+            with self.assertRaisesRegex(ValueError, r"entropy of an empty tensor \(shape"):
+                criteria.entropy(np.zeros(shape, np.float32), per_filter=per_filter)
+
     @parameterized.named_parameters(*[(name, build, shape, kind) for name, build, shape, kind in LAYERS])
     def test_per_filter_entropy_and_l1_for_every_layout(self, build, shape, kind):
         layer = build()

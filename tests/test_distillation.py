@@ -182,6 +182,15 @@ class BadInputTest(tf.test.TestCase):
                                                "None"):
             Distillation([teacher, None])
 
+    def test_teacher_with_another_input_shape_fails_at_construction(self):
+        inputs = keras.Input((7,))
+        teacher = keras.Model(inputs, keras.layers.Dense(4)(inputs), name="wide_teacher")
+        with self.assertRaisesRegex(ValueError, r"Teacher 0 \('wide_teacher'\) takes inputs of shape \(7,\) but the "
+                                                r"students take \(6,\)"):
+            keras_graft.GraftTrainer(lambda: classifier(None), num_models=2, optimizer="sgd",
+                                     loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                                     distillation=Distillation([teacher]))
+
     def test_teacher_from_file(self):
         path = os.path.join(self.get_temp_dir(), "teacher.keras")
         teacher = classifier(1)

@@ -1,6 +1,7 @@
 """Tests of GraftTrainer: strategies, grafting, diversity, callbacks and logs, NaN handling, backup, bad input."""
 import contextlib
 import csv
+import glob
 import io
 import math
 import os
@@ -43,6 +44,19 @@ def make_trainer(num_models=2, **kwargs):
     kwargs.setdefault("seed", 1)
     model_fn = kwargs.pop("model_fn", build_model)
     return GraftTrainer(model_fn, num_models, **kwargs)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _flip(path):
+    with open(path, "r+b") as f:
+        data = bytearray(f.read())
+        data[len(data) // 2] ^= 0xFF
+        f.seek(0)
+        f.write(data)
 
 
 def max_difference(weights_a, weights_b):
@@ -389,8 +403,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
             return tf.data.Dataset.from_tensor_slices((data, y)).batch(8)
 
         trainer = make_trainer(2, grafting=Grafting())
-        history = trainer.fit(dataset_fn, epochs=3, verbose=0)
+        history = trainer.fit(dataset_fn, epochs=3, verbose=0, validation_data=(x, y))
         self.assertEqual(history.history["nonfinite_models"], [0, 1, 1])
+        self.assertEqual(history.history["unhealthy_models"], [0, 1, 1])
+        self.assertTrue(np.isfinite(history.history["val_loss_ensemble"]).all())  # the NaN model is left out
         self.assertTrue(math.isnan(history.history["loss_1"][1]))
         # The round after epoch 2 (which opens epoch 3): model 0 does not take from model 1.
         self.assertGreater(history.history["graft_skipped_layers_0"][2], 0)
@@ -414,6 +430,105 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         for a, b in zip(first.optimizers, second.optimizers):
             self.assertEqual(int(a.iterations.numpy()), int(b.iterations.numpy()))
             self.assertLess(max_difference([v.numpy() for v in a.variables], [v.numpy() for v in b.variables]), 1e-7)
+
+    def test_dropout_model_resumes_bit_exactly(self):
+        """The seed generators' states are in the checkpoint: the resumed epochs draw the same dropout masks."""
+        x, y = tiny_data(32)
+
+        def dropout_model():
+            return keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3), keras.layers.Flatten(),
+                                     keras.layers.Dropout(0.5), keras.layers.Dense(3)])
+
+        kwargs = dict(model_fn=dropout_model, grafting=Grafting(), lr_spread=True)
+        full = make_trainer(2, **kwargs)
+        full.fit((x, y), epochs=3, batch_size=8, verbose=0)
+        backup = os.path.join(self.get_temp_dir(), "dropout_backup")
+        make_trainer(2, backup_dir=backup, **kwargs).fit((x, y), epochs=1, batch_size=8, verbose=0)
+        resumed = make_trainer(2, backup_dir=backup, **kwargs)  # restarted with the same arguments
+        history = resumed.fit((x, y), epochs=3, batch_size=8, verbose=0)
+        self.assertEqual(history.epoch, [1, 2])
+        for a, b in zip(full.ensemble.get_weights(), resumed.ensemble.get_weights()):
+            self.assertAllEqual(a, b)
+
+    @parameterized.named_parameters(
+        ("truncated_data", lambda prefix: _truncate(glob.glob(prefix + ".data-*")[0]), r"\.data-00000-of-00001"),
+        ("missing_index", lambda prefix: os.remove(prefix + ".index"), r"ckpt-2\.index.*missing"),
+        ("flipped_bits", lambda prefix: _flip(glob.glob(prefix + ".data-*")[0]), r"\.data-00000-of-00001"),
+    )
+    def test_damaged_latest_checkpoint_falls_back_to_the_previous(self, damage, message):
+        x, y = tiny_data(16)
+        backup = os.path.join(self.get_temp_dir(), self._testMethodName)
+        first = make_trainer(2, backup_dir=backup)
+        first.fit((x, y), epochs=1, batch_size=8, verbose=0)
+        after_one = first.ensemble.get_weights()
+        first.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        damage(os.path.join(backup, "ckpt-2"))
+        second = make_trainer(2, backup_dir=backup, seed=3)
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertTrue(second._backup.restore())
+        self.assertRegex("\n".join(logs.output), rf"checkpoint .*ckpt-2 is damaged .*{message}.*falling back")
+        self.assertLess(max_difference(after_one, second.ensemble.get_weights()), 1e-7)
+        self.assertEqual(second.fit((x, y), epochs=2, batch_size=8, verbose=0).epoch, [1])
+        for path in glob.glob(os.path.join(backup, "ckpt-*.data-*")):
+            _truncate(path)
+        with self.assertRaisesRegex(ValueError, r"no intact checkpoint in backup_dir"):
+            make_trainer(2, backup_dir=backup).fit((x, y), epochs=3, batch_size=8, verbose=0)
+
+    @parameterized.named_parameters(
+        ("more_models", dict(num_models=3), r"number of models: 2 in the checkpoint, 3 here"),
+        ("fewer_models", dict(num_models=1), r"number of models: 2 in the checkpoint, 1 here"),
+        ("architecture", dict(model_fn=lambda: build_model(units=4)), r"architecture: weight 2 has shape \(64, 3\) "
+                                                                        r"\(float32\) in the checkpoint, \(64, 4\)"),
+        ("layers", dict(model_fn=lambda: build_model(batch_norm=True)), r"architecture: layers"),
+        ("optimizer", dict(optimizer=keras.optimizers.Adam()), r"optimizer of model 0: SGD in the checkpoint, Adam"),
+        ("momentum", dict(optimizer=keras.optimizers.SGD(0.1)), r"optimizer of model 0: \d+ variables in the "
+                                                               r"checkpoint, \d+ here"),
+    )
+    def test_checkpoint_of_another_configuration_is_refused(self, change, message):
+        x, y = tiny_data(16)
+        backup = os.path.join(self.get_temp_dir(), self._testMethodName)
+        make_trainer(2, backup_dir=backup).fit((x, y), epochs=1, batch_size=8, verbose=0)
+        kwargs = dict(backup_dir=backup, **change)
+        num_models = kwargs.pop("num_models", 2)
+        trainer = make_trainer(num_models, **kwargs)
+        with self.assertRaisesRegex(ValueError, rf"another configuration .*graft_trainer.json.*{message}"):
+            trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+
+    def test_exploded_model_is_unhealthy_and_not_grafted(self):
+        x, y = tiny_data(32)
+
+        def dataset_fn(model_index, input_context, epoch):
+            labels = y if (model_index == 0 or epoch == 0) else (y + 1) % 3
+            scale = 1.0 if (model_index == 0 or epoch == 0) else 300.0  # confidently wrong: a huge, finite loss
+            return tf.data.Dataset.from_tensor_slices((x * scale, labels)).batch(8)
+
+        trainer = make_trainer(2, grafting=Grafting(), optimizer=keras.optimizers.SGD(1e-4))
+        with self.assertLogs(level="WARNING") as logs:
+            history = trainer.fit(dataset_fn, epochs=3, verbose=0)
+        h = history.history
+        self.assertEqual(h["nonfinite_models"], [0, 0, 0])
+        self.assertEqual(h["unhealthy_models"], [0, 1, 1])
+        self.assertGreater(h["loss_1"][1], 10 * h["loss_0"][1])
+        self.assertGreater(h["graft_skipped_layers_0"][2], 0)  # the round opening epoch 3: model 1 not taken in
+        self.assertEqual(h["graft_skipped_layers_1"][2], 0)
+        self.assertRegex("\n".join(logs.output), r"models \[1\] have a loss above 10 x the best")
+        relaxed = make_trainer(2, grafting=Grafting(), optimizer=keras.optimizers.SGD(1e-4), max_loss_ratio=None)
+        self.assertEqual(relaxed.fit(dataset_fn, epochs=2, verbose=0).history["unhealthy_models"], [0, 0])
+
+    def test_ensemble_averages_healthy_models_only(self):
+        x, y = tiny_data(24)
+        trainer = make_trainer(2)
+        trainer.fit((x, y), epochs=1, batch_size=8, verbose=0)
+        healthy_probabilities = tf.nn.softmax(trainer.models[0](x)).numpy()
+        trainer._healthy.assign([True, False])  # e.g. model 1 exploded in the last epoch
+        self.assertAllClose(trainer.predict(x), healthy_probabilities, atol=1e-6)
+        self.assertAllClose(trainer.evaluate((x, y))["loss_ensemble"],
+                            float(keras.losses.sparse_categorical_crossentropy(y, healthy_probabilities).numpy()
+                                  .mean()), atol=1e-5)
+        trainer._healthy.assign([True, True])
+        trainer.models[1].set_weights([np.full_like(w, np.nan) for w in trainer.models[1].get_weights()])
+        self.assertAllClose(trainer.predict(x), healthy_probabilities, atol=1e-6)  # NaN outputs are left out
+        self.assertTrue(np.isfinite(trainer.evaluate((x, y))["loss_ensemble"]))
 
     def test_resume_after_kill_equals_uninterrupted_run(self):
         tmp = self.get_temp_dir()
@@ -507,6 +622,17 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
             make_trainer(2, loss=None)
         trainer = make_trainer(2, optimizer=lambda k: keras.optimizers.Adam(1e-3 * (k + 1)))
         self.assertAllClose([float(o.learning_rate.numpy()) for o in trainer.optimizers], [1e-3, 2e-3])
+
+    def test_backup_dir_that_is_a_file_fails_before_training(self):
+        path = os.path.join(self.get_temp_dir(), "a_file")
+        with open(path, "w") as f:
+            f.write("not a directory")
+        with self.assertRaisesRegex(ValueError, r"backup_dir .*a_file' is a file, not a directory"):
+            make_trainer(2, backup_dir=path)
+        with self.assertRaisesRegex(ValueError, r"backup_dir .* cannot be created"):
+            make_trainer(2, backup_dir=os.path.join(path, "below"))
+        with self.assertRaisesRegex(ValueError, "max_loss_ratio must be"):
+            make_trainer(2, max_loss_ratio=0.5)
 
     def test_element_shape_does_not_fit(self):
         trainer = make_trainer(2)
