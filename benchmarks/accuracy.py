@@ -39,8 +39,8 @@ accuracy, invalid filters (L1 norm < 0.1 and < 0.01, ``criteria.invalid_filters`
 
 Resumable: runs already in ``--output`` with the same config are skipped; each running run checkpoints every
 epoch under ``--backup_root`` (GraftTrainer's ``backup_dir``), so a killed study restarted with the same command
-continues inside the interrupted run (RePr runs restart from scratch: the callback's schedule is not in the
-checkpoint). Runs go seed by seed (all methods of seed 0, then seed 1, ...), so a partial study compares methods
+continues inside the interrupted run (RePr's schedule and dropped filters are in the checkpoint too). Runs go
+seed by seed (all methods of seed 0, then seed 1, ...), so a partial study compares methods
 on the same seeds.
 """
 
@@ -266,7 +266,7 @@ def _run(method, seed, data, index, total):
         extra["teacher_model"] = _teacher_model_name()
     label = f"[{index}/{total}] {method} seed {seed}"
     backup_dir = None
-    if FLAGS.backup_root and method != "repr":
+    if FLAGS.backup_root:
         backup_dir = os.path.join(FLAGS.backup_root, f"{method}_seed{seed}_" + _config_key())
     resumed = bool(backup_dir and tf.train.latest_checkpoint(backup_dir))
     logging.info("%s: %s, %d epochs of %d images%s.", label, description, FLAGS.epochs, data.examples,
