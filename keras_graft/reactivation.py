@@ -389,9 +389,11 @@ class RePr(keras.callbacks.Callback):
     model: ``set_model``, setting :attr:`models`, or ``on_train_begin``; an existing one is reused, so the state
     belongs to the model). Every checkpoint of the model carries them: ``keras.callbacks.BackupAndRestore`` (in
     any position of the callback list), ``ModelCheckpoint``, ``model.save_weights`` and GraftTrainer's
-    ``backup_dir``; a run restored from one continues the schedule exactly where the backup left it. Attaching
+    ``backup_dir`` (its ``tf.train.Checkpoint`` tracks the models; a state attached after the restore, when the
+    trainer hands the callback its models, is restored as it is attached); a run restored from one continues the
+    schedule exactly where the backup left it. Attaching
     also sets each weight's ``constraint`` to hold its dropped filters at zero (composed with any constraint it
-    had) and resets ``model.train_function``, so that ``fit`` compiles the hold into its step; a training
+    had) and rebuilds ``model.train_function`` if ``fit`` made one, so that the step traces the hold; a training
     function compiled before the callback saw the model would miss it, which the callback detects at the first
     step after a drop and reports as an error.
 
@@ -403,13 +405,15 @@ class RePr(keras.callbacks.Callback):
 
     Defaults: S1 = 20, S2 = 10 epochs, p = 0.3, N = 3 cycles, the settings of the public re-implementation
     siahuat0727/RePr (``run.sh.example``: ``--S1 20 --S2 10``, prune ratio 0.3, and 110 epochs for RePr: drops after
-    epochs 20, 50 and 80, re-initialisations after 30, 60 and 90) and the ones design notes attribute to the
-    paper's experiments; the paper gives no code. Train for at least ``cycles * (s1 + s2) + s1`` units (110 epochs
+    epochs 20, 50 and 80, re-initialisations after 30, 60 and 90), the protocol under which the paper's 3-layer
+    ConvNet went from 72.1 to 76.4 % on CIFAR-10 (its Figure 1, as that re-implementation quotes it); the paper
+    gives no code. Train for at least ``cycles * (s1 + s2) + s1`` units (110 epochs
     with the defaults), so that S1 units of normal training follow the last re-initialisation; the callback warns
     when ``fit`` is given fewer epochs. The re-initialised filters also need a learning rate that is still large:
     with cosine annealing to zero, the last re-initialisation should come well before the end (in the accuracy
-    study's 12-epoch cosine run the last one came after epoch 9, at 15 % of the initial rate, and cost 3 of the
-    7 points lost; see BENCHMARKS.md).
+    study's 12-epoch cosine run the third cycle, re-initialised after epoch 9 at 15 % of the initial rate, cost 3
+    of the 7 validation points lost; see BENCHMARKS.md, section "RePr"). RePr is a regulariser: it pays off, if
+    at all, where the network overfits, not where it underfits.
 
     Args:
       s1: units of full training before each drop.
@@ -537,7 +541,7 @@ class RePr(keras.callbacks.Callback):
                     previous = var.constraint.previous if isinstance(var.constraint, _Hold) else var.constraint
                     var.constraint = _Hold(keep, _filter_shape(var.shape, axes), previous)
         if getattr(model, "train_function", None) is not None:
-            model.train_function = None  # fit compiles a new step, with the hold
+            model.make_train_function(force=True)  # a new step, traced with the hold at its first call
         state = _ModelState(model, plans, variables, len(self._states))
         self._states[id(model)] = state
         return state
@@ -558,9 +562,10 @@ class RePr(keras.callbacks.Callback):
                              "callback's optimizers.")
 
     def state_of(self, model=None):
-        """(phase name, 1-based cycle, filters dropped now) of ``model`` (default: the callback's model), read
-        from the model's state: the phase of the last unit begun."""
-        model = model if model is not None else self.model
+        """(phase name, 1-based cycle, filters dropped now) of ``model`` (default: the first of :attr:`models`, or
+        the callback's model), read from the model's state: the phase of the last unit begun."""
+        if model is None:
+            model = self._models[0] if self._models else self.model
         variables = getattr(model, STATE_ATTRIBUTE, None)
         if variables is None:
             return PHASES[FULL], 1, 0
