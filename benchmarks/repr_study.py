@@ -4,10 +4,12 @@
     python benchmarks/repr_study.py --smoke                    # every code path on 512 images (seconds)
     python benchmarks/repr_study.py --report                   # paired table from the JSON lines
 
-Protocol (the paper's ConvNet, the public re-implementation's optimiser; see keras_graft/models/convnet.py):
+Protocol (the paper's ConvNet, the public re-implementation's learning rate; see keras_graft/models/convnet.py):
 ``convnet3`` (three 3x3 convolutions of 32 filters, ReLU, 2x2 max-pool after each, one Dense classifier; no
-normalisation, no skip connections, PyTorch's default initialisation) on native 28x28x1 Fashion-MNIST, plain SGD
-(no momentum, no weight decay) at a constant learning rate, batch 128, no augmentation (the setting where the
+normalisation, no skip connections, PyTorch's default initialisation) on native 28x28x1 Fashion-MNIST, the first
+10,000 training images (small, so that the network overfits as the paper's ConvNet does on CIFAR-10: RePr is a
+regulariser), SGD at a constant lr 0.01 with momentum 0.9 (the re-implementation uses none over ~40,000 steps;
+this budget has 3,476, and momentum makes each step ~10x larger), no weight decay, batch 128, no augmentation (the
 re-implementation siahuat0727/RePr found RePr ahead of the baseline: 69.05 vs 64.86 on CIFAR-10; with random crops
 and flips it found RePr behind), each model its own data order per seed and epoch. RePr: S1, S2, N cycles and p
 scaled from the re-implementation's 20 / 10 / 3 / 0.3 over 110 epochs (three cycles, then S1 epochs of normal
