@@ -854,8 +854,6 @@ def run(cfg, log=logging.info, strategy=None, overwrite=False):
                                    unit=cfg.repr_unit, seed=cfg.seed)
         repr_cb.models, repr_cb.optimizers = trainer.models, trainer.optimizers
         callbacks.append(repr_cb)
-        if cfg.backup_dir:
-            logging.warning("RePr's schedule is not in the backup: a resumed run starts its RePr cycles again.")
     if cfg.method in _GRAFT_METHODS and cfg.source != "external":
         if cfg.source == "noise":
             scions = [keras_graft.NoiseScion(threshold=cfg.threshold, sigma_decay=cfg.sigma_decay,

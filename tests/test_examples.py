@@ -140,7 +140,9 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         ("ensemble", ["--method=ensemble"], "ensemble", 2),
         ("noise", ["--method=graft", "--source=noise", "--threshold=100"], "graft", 1),
         ("internal", ["--method=graft", "--source=internal", "--num_models=2"], "graft", 2),
-        ("repr", ["--method=repr", "--repr_unit=step", "--repr_s1=1", "--repr_s2=1", "--repr_cycles=1"], "repr", 1),
+        # 3 steps: the drop comes before step 1, the re-initialisation before step 2.
+        ("repr", ["--method=repr", "--repr_unit=step", "--repr_s1=1", "--repr_s2=1", "--repr_cycles=1",
+                  "--train_subset=96"], "repr", 1),
     )
     def test_method(self, args, method, num_models):
         results = _run_train(*_TINY, *args, self.out(self._testMethodName))

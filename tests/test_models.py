@@ -90,7 +90,7 @@ class ModelsTest(tf.test.TestCase, parameterized.TestCase):
             models.get("resnet18")
 
     def test_available(self):
-        expected = ["mobilenetv2", "vgg16_bn", "wrn28_10"]
+        expected = ["convnet3", "mobilenetv2", "vgg16_bn", "wrn28_10"]
         for depth in (20, 32, 44, 56, 110):
             expected += [f"resnet{depth}", f"resnet{depth}_leaky"]
         self.assertEqual(models.available(), sorted(expected))
@@ -207,6 +207,43 @@ class ModelsTest(tf.test.TestCase, parameterized.TestCase):
         pointwise = mobilenet.get_layer("head_conv").kernel.numpy()
         bound = 1.0 / np.sqrt(pointwise.shape[2])
         self.assertBetween(np.abs(pointwise).max(), 0.9 * bound, bound)
+
+    @parameterized.parameters(((32, 32, 3), 24_522, (4, 4)), ((28, 28, 1), 21_706, (3, 3)))
+    def test_repr_convnet(self, input_shape, trainable, final_map):
+        """RePr's ConvNet: 3 x (3x3 conv of 32 with bias, ReLU, 2x2 max-pool), Flatten, Dense; no BN, no skips."""
+        model = models.get("convnet3", input_shape=input_shape)
+        self.assertEqual(model.name, "convnet3")
+        self.assertEqual(trainable_count(model), trainable)
+        self.assertEqual(model.count_params(), trainable)  # no non-trainable weights
+        # conv: 3*3*c*32 + 32; classifier: h*w*32*10 + 10.
+        expected = sum(9 * c * 32 + 32 for c in (input_shape[-1], 32, 32)) + final_map[0] * final_map[1] * 320 + 10
+        self.assertEqual(trainable, expected)
+        kinds = [type(l).__name__ for l in model.layers[1:]]
+        self.assertEqual(kinds, ["Conv2D", "ReLU", "MaxPooling2D"] * 3 + ["Flatten", "Dense"])
+        self.assertEqual(tuple(model.get_layer("pool3").output.shape[1:]), (*final_map, 32))
+        self.assertEqual(model(small_input(shape=input_shape), training=False).shape, (2, 10))
+        for layer in model.layers:  # PyTorch's default initialisation: U(+-1/sqrt(fan_in)) for kernels and biases
+            if isinstance(layer, (keras.layers.Conv2D, keras.layers.Dense)):
+                bound = 1.0 / np.sqrt(np.prod(layer.kernel.shape[:-1]))
+                for weight in (layer.kernel, layer.bias):
+                    self.assertLessEqual(np.abs(weight.numpy()).max(), bound)
+                    self.assertGreater(np.abs(weight.numpy()).max(), 0.8 * bound)
+
+    def test_convnet_options(self):
+        model = models.convnet(num_layers=8, filters=8, num_classes=5, input_shape=(28, 28, 1), batch_norm=True,
+                               weight_decay=5e-4)
+        self.assertEqual(model.name, "convnet8_bn")
+        self.assertLen([l for l in model.layers if isinstance(l, keras.layers.Conv2D)], 8)
+        self.assertLen([l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)], 8)
+        self.assertEqual([l.name for l in model.layers if isinstance(l, keras.layers.MaxPooling2D)],
+                         ["pool1", "pool2", "pool3"])
+        self.assertEqual(producers(model)["pool1"].name, "act3")  # stages of 3, 3 and 2 convolutions
+        self.assertEqual(producers(model)["pool3"].name, "act8")
+        self.assertIsNone(model.get_layer("conv1").bias)  # BN follows
+        self.assertLen(model.losses, len(model.trainable_weights))
+        self.assertEqual(model(small_input(shape=(28, 28, 1)), training=False).shape, (2, 5))
+        with self.assertRaisesRegex(ValueError, "num_layers"):
+            models.convnet(num_layers=0)
 
     def test_save_and_load(self):
         model = models.cifar_resnet(8, width=4, num_classes=3, activation="leaky_relu")

@@ -1,4 +1,7 @@
-"""RePr: overlap score, ranking, schedule, held-at-zero filters, orthogonal re-initialisation, distribution."""
+"""RePr: overlap score, ranking, schedule, held-at-zero filters, orthogonal re-initialisation, distribution,
+state in checkpoints."""
+
+import os
 
 import contextlib
 import io
@@ -66,19 +69,24 @@ def data(n=16, channels=3, seed=0):
     return rng.normal(size=(n, 6, 6, channels)).astype(np.float32), np.arange(n) % 3
 
 
-def dropped_variables(model, layer, bn=None):
+def dropped_variables(model, layer, bn=None, slots=True, optimizer=None):
     """[(path, variable, filter axes)] of the weights that carry ``layer``'s filters (its kernel, bias and the
-    following BN's gamma and beta, ``bn`` or "bn<i>" for "c<i>") and of their optimizer slots."""
+    following BN's gamma and beta, ``bn`` or "bn<i>" for "c<i>") and, with ``slots``, of their optimizer slots."""
     conv = model.get_layer(layer)
     norm = model.get_layer(bn or "bn" + layer[1:])
     kernel, axes = layouts.primary_kernel(conv)
     variables = [(kernel, axes), (conv.bias, (-1,)), (norm.gamma, (-1,)), (norm.beta, (-1,))]
-    return [(v.path, slot, a) for v, a in variables for slot in [v] + optimizer_slots(model.optimizer, v)]
+    optimizer = optimizer or getattr(model, "optimizer", None)
+    return [(v.path, slot, a) for v, a in variables
+            for slot in [v] + (optimizer_slots(optimizer, v) if slots else [])]
 
 
-def assert_filters_zero(test, model, indices, bn_names=None):
+def assert_filters_zero(test, model, indices, bn_names=None, slots=True, optimizer=None, weights=True):
+    """The dropped filters' weights (with ``weights``) and optimizer slots (with ``slots``) are exactly zero."""
     for layer, dropped in indices.items():
-        for path, variable, axes in dropped_variables(model, layer, (bn_names or {}).get(layer)):
+        for path, variable, axes in dropped_variables(model, layer, (bn_names or {}).get(layer), slots, optimizer):
+            if not weights and variable.path == path:
+                continue
             rows = np_rows(variable.numpy(), axes)[dropped]
             test.assertAllEqual(rows, np.zeros_like(rows), msg=f"{path} of a dropped filter")
 
@@ -101,7 +109,8 @@ class Recorder(keras.callbacks.Callback):
 
 
 class HeldAtZero(keras.callbacks.Callback):
-    """After RePr at every step of S2: the dropped filters' weights and optimizer slots are exactly zero."""
+    """Placed after RePr: when a pruned epoch begins, the dropped filters' weights and optimizer slots are exactly
+    zero; after every step of S2, their weights are (the slots may accumulate: nothing lets them move a weight)."""
 
     def __init__(self, test, repr_callback, bn_names=None):
         super().__init__()
@@ -109,10 +118,16 @@ class HeldAtZero(keras.callbacks.Callback):
         self.repr = repr_callback
         self.bn_names = bn_names
         self.checked_steps = 0
+        self.checked_drops = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.repr.state_of()[0] == "pruned" and self.repr.history[-1]["unit"] == epoch:
+            assert_filters_zero(self.test, self.model, self.repr.history[-1]["indices"], self.bn_names)
+            self.checked_drops += 1
 
     def on_train_batch_end(self, batch, logs=None):
         if self.repr.state_of()[0] == "pruned":
-            assert_filters_zero(self.test, self.model, self.repr.history[-1]["indices"], self.bn_names)
+            assert_filters_zero(self.test, self.model, self.repr.history[-1]["indices"], self.bn_names, slots=False)
             self.checked_steps += 1
 
 
@@ -223,7 +238,8 @@ class RankingTest(tf.test.TestCase, parameterized.TestCase):
         model = compiled(conv_net(filters=(3, 3, 6)))  # not 2 filters: their two overlap scores tie
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.9, cycles=1, criterion=criterion)
         recorder = Recorder(repr_callback, ["c1", "c2"])
-        model.fit(*data(), batch_size=8, epochs=1, verbose=0, callbacks=[recorder, repr_callback])
+        # The drop due after epoch 0 happens when epoch 1 begins, on the kernels recorded at the end of epoch 0.
+        model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[recorder, repr_callback])
         before = recorder.kernels[0]
         if criterion == "l1":
             scores = [np.abs(np_rows(before[n], (-1,))).sum(axis=1) for n in ("c1", "c2")]
@@ -245,6 +261,7 @@ class HoldTest(tf.test.TestCase, parameterized.TestCase):
         checker = HeldAtZero(self, repr_callback)
         model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
         self.assertEqual(checker.checked_steps, 4)  # S2: 2 epochs of 2 steps
+        self.assertEqual(checker.checked_drops, 1)
         expected_slots = {"sgd": 1, "adam": 2}[optimizer]
         self.assertLen(optimizer_slots(model.optimizer, model.get_layer("c1").kernel), expected_slots)
 
@@ -275,6 +292,7 @@ class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=3)
         recorder = Recorder(repr_callback, ["c1", "c2"])
         model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[recorder, repr_callback])
+        repr_callback.on_epoch_begin(2)  # the re-initialisation due after epoch 1, with no training after it
         events = repr_callback.history
         self.assertEqual([e["event"] for e in events], ["drop", "reinit"])
         self.assertEqual(set(events[1]["levels"].values()), {"orthogonal"})
@@ -306,8 +324,8 @@ class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
             repr_callback = RePr(s1=1, s2=1, cycles=1, seed=seed)
             repr_callback.set_model(model)
             repr_callback.on_train_begin()
-            for epoch in range(2):  # no training: drop after epoch 0, re-initialise after epoch 1
-                repr_callback.on_epoch_end(epoch)
+            for epoch in range(3):  # no training: drop when epoch 1 begins, re-initialise when epoch 2 begins
+                repr_callback.on_epoch_begin(epoch)
             return np.concatenate([model.get_layer(name).kernel.numpy().ravel() for name in ("c1", "c2")])
 
         self.assertAllEqual(reinitialised_kernel(5), reinitialised_kernel(5))
@@ -323,14 +341,19 @@ class ReinitialisationTest(tf.test.TestCase, parameterized.TestCase):
         model = compiled(conv_net(filters=(first, second), kernel_sizes=(1, 1)))
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=0)
         with self.assertLogs(level="WARNING") as captured:
-            history = model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback])
+            history = model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback])
         self.assertIn("'c1'", "\n".join(captured.output))
         self.assertEqual(repr_callback.history[1]["levels"], {"c1": level})
-        self.assertEqual(history.history["repr_fallbacks"], [0, 1])
+        self.assertEqual(history.history["repr_fallbacks"], [0, 0, 1])
         indices = repr_callback.history[0]["indices"]["c1"]
         rows = np_rows(model.get_layer("c1").kernel.numpy(), (-1,))
         self.assertTrue(np.all(np.linalg.norm(rows[indices], axis=1) > 0))
         if level == "survivors":
+            model = compiled(conv_net(filters=(first, second), kernel_sizes=(1, 1)))
+            repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, seed=0)
+            model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback])
+            repr_callback.on_epoch_begin(2)
+            rows = np_rows(model.get_layer("c1").kernel.numpy(), (-1,))
             survivors = unit_rows(np.delete(rows, indices, axis=0))
             self.assertLess(np.max(np.abs(unit_rows(rows[indices]) @ survivors.T)), 1e-5)
 
@@ -352,6 +375,7 @@ class LayoutTest(tf.test.TestCase):
         repr_callback = RePr(s1=1, s2=1, prune_ratio=0.4, cycles=1, seed=1)
         checker = HeldAtZero(self, repr_callback, {"sep": "bn_sep", "up": "bn_up"})
         model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback, checker])
+        repr_callback.on_epoch_begin(2)  # re-initialise, no training after it
         self.assertEqual(checker.checked_steps, 2)
         drop, reinit = repr_callback.history
         self.assertEqual(sum(drop["dropped"].values()), 3)  # round(0.4 * (3 + 4))
@@ -374,21 +398,22 @@ class TrainerLoopTest(tf.test.TestCase):
         for model in models:
             repr_callback.set_model(model)
             repr_callback.on_train_begin()
-        for epoch in range(2):
-            for model in models[: 2 - epoch]:  # the second model trains only the first epoch
+        for epoch in range(3):
+            for model in models[: 2 if epoch < 2 else 1]:  # the second model trains only the first two epochs
                 repr_callback.set_model(model)
                 repr_callback.on_epoch_begin(epoch)
                 for step in range(2):
+                    repr_callback.on_train_batch_begin(step)
                     model.train_on_batch(x[8 * step: 8 * step + 8], y[8 * step: 8 * step + 8])
                     repr_callback.on_train_batch_end(step)
                 logs = {}
                 repr_callback.on_epoch_end(epoch, logs)
-        self.assertEqual(logs["repr_phase"], 1)
+        self.assertEqual(logs["repr_phase"], 2)
         self.assertEqual(repr_callback.state_of(models[0]), ("done", 1, 0))
         self.assertEqual(repr_callback.state_of(models[1]), ("pruned", 1, 5))
         events = [(e["model"], e["event"]) for e in repr_callback.history]
         self.assertEqual(events, [(models[0].name, "drop"), (models[1].name, "drop"), (models[0].name, "reinit")])
-        assert_filters_zero(self, models[1], repr_callback.history[1]["indices"])
+        assert_filters_zero(self, models[1], repr_callback.history[1]["indices"], slots=False)
 
     def test_models_and_optimizers_set_by_a_trainer(self):
         """Several models trained in one step, with optimizers of their own (not model.optimizer)."""
@@ -410,23 +435,28 @@ class TrainerLoopTest(tf.test.TestCase):
         repr_callback.on_train_begin()
         x, y = data()
         all_logs = []
-        for epoch in range(2):
+        for epoch in range(3):
+            repr_callback.on_epoch_begin(epoch)
+            for k, model in enumerate(models):
+                if epoch == 1:  # the drop cleared the weights and their slots
+                    assert_filters_zero(self, model, repr_callback.history[k]["indices"], optimizer=optimizers[k])
+                if epoch == 2:  # the re-initialised filters start with zero slots
+                    assert_filters_zero(self, model, repr_callback.history[k]["indices"], optimizer=optimizers[k],
+                                        weights=False)
             for step in range(2):
+                repr_callback.on_train_batch_begin(step)
                 train_step(x[8 * step: 8 * step + 8], y[8 * step: 8 * step + 8])
                 repr_callback.on_train_batch_end(step)
-                if epoch == 1:
+                if epoch == 1:  # the step's own update kept them at zero
                     for k, model in enumerate(models):
-                        dropped = repr_callback.history[k]["indices"]
-                        for layer, indices in dropped.items():
-                            for variable in [model.get_layer(layer).kernel, model.get_layer("bn" + layer[1:]).beta]:
-                                for v in [variable] + optimizer_slots(optimizers[k], variable):
-                                    self.assertAllEqual(v.numpy()[..., indices], np.zeros_like(v.numpy()[..., indices]))
+                        assert_filters_zero(self, model, repr_callback.history[k]["indices"], slots=False)
             logs = {}
             repr_callback.on_epoch_end(epoch, logs)
             all_logs.append(logs)
         expected = {"repr_phase": 0, "repr_cycle": 1, "repr_dropped": 0, "repr_fallbacks": 0}
         self.assertEqual(all_logs[0], {f"{key}_{k}": value for k in range(2) for key, value in expected.items()})
         self.assertEqual((all_logs[1]["repr_phase_0"], all_logs[1]["repr_dropped_1"]), (1, 5))
+        self.assertEqual(all_logs[2]["repr_phase_1"], 2)
         self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "drop", "reinit", "reinit"])
 
     def test_optimizers_must_match_models(self):
@@ -447,7 +477,8 @@ class DistributedTest(tf.test.TestCase):
         model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
         self.assertEqual(checker.checked_steps, 2)
         self.assertEqual([e["event"] for e in repr_callback.history], ["drop", "reinit"])
-        for variable in model.trainable_weights + model.optimizer.variables:
+        state = repr_callback.state_for(model)
+        for variable in model.trainable_weights + model.optimizer.variables + state.weights:
             replicas = [np.asarray(r) for r in strategy.experimental_local_results(variable.value)]
             self.assertLen(replicas, 2)
             self.assertAllEqual(replicas[0], replicas[1], msg=variable.path)
@@ -457,12 +488,163 @@ class DistributedTest(tf.test.TestCase):
             self.assertTrue(np.all(np.linalg.norm(rows[indices], axis=1) > 0))
 
 
+class Interrupt(keras.callbacks.Callback):
+    """Raises KeyboardInterrupt at the end of epoch ``epoch`` (after the backups of the callbacks before it)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
+
+
+def all_weights(model):
+    return [w.numpy() for w in model.weights + model.optimizer.variables]
+
+
+class CheckpointTest(tf.test.TestCase, parameterized.TestCase):
+    """RePr's schedule, masks, pre-drop values and seed live in variables that the model's checkpoints carry."""
+
+    def test_state_is_saved_with_the_model_but_is_not_one_of_its_weights(self):
+        model = compiled(conv_net())
+        weights = [w.path for w in model.weights]
+        repr_callback = RePr(s1=1, s2=1, cycles=1, ranking="layer", seed=4)
+        model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback])  # pruned now
+        self.assertEqual([w.path for w in model.weights], weights)
+        self.assertLen(model.layers, 12)
+        state = repr_callback.state_for(model)
+        self.assertEqual(int(state.units_done.numpy()), 2)
+        path = os.path.join(self.get_temp_dir(), "pruned.weights.h5")
+        model.save_weights(path)
+
+        restored = compiled(conv_net(seed=9))
+        restored.optimizer.build(restored.trainable_variables)
+        other = RePr(s1=1, s2=1, cycles=1, seed=5)
+        other.set_model(restored)
+        restored.load_weights(path)
+        mine, theirs = repr_callback.state_for(model), other.state_for(restored)
+        self.assertLen(theirs.weights, len(mine.weights))
+        for a, b in zip(mine.weights, theirs.weights):
+            self.assertAllEqual(a.numpy(), b.numpy(), msg=a.name)
+        self.assertEqual(other.state_of(restored), ("pruned", 1, repr_callback.state_of(model)[2]))
+        keep, pre_drop = mine.keep[1].numpy(), mine.pre_drop[1].numpy()  # c2: 8 filters of 3 * 3 * 8 values
+        self.assertEqual(pre_drop.shape, (8, 72))
+        self.assertAllEqual(pre_drop[keep == 1], np.zeros(((keep == 1).sum(), 72)))
+        self.assertAllEqual(np.flatnonzero(keep == 0), repr_callback.history[0]["indices"]["c2"])
+        self.assertTrue(np.all(np.linalg.norm(pre_drop[keep == 0], axis=1) > 0))
+
+        plain = compiled(conv_net(seed=9))  # a model without RePr loads the file too
+        plain.load_weights(path)
+        self.assertAllEqual(plain.get_layer("c2").kernel.numpy(), model.get_layer("c2").kernel.numpy())
+        self.assertFalse(hasattr(plain, reactivation.STATE_ATTRIBUTE))
+
+    @parameterized.named_parameters(
+        ("full_backup_first", 2, True), ("pruned_backup_first", 3, True), ("pruned_repr_first", 3, False))
+    def test_fit_with_backup_and_restore_resumes_exactly(self, interrupted_after, backup_first):
+        """Interrupted after an epoch and restarted, a run ends with the weights of an uninterrupted one."""
+        x, y = data(24)
+
+        def run(backup_dir=None, interrupt=None):
+            model = compiled(conv_net(seed=3))
+            repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
+            callbacks = [repr_callback]
+            if backup_dir:
+                backup = keras.callbacks.BackupAndRestore(backup_dir)
+                callbacks = [backup, repr_callback] if backup_first else [repr_callback, backup]
+            if interrupt is not None:
+                callbacks.append(Interrupt(interrupt))
+            model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=callbacks)
+            return model, repr_callback
+
+        full, full_callback = run()
+        self.assertEqual([(e["event"], e["unit"]) for e in full_callback.history],
+                         [("drop", 1), ("reinit", 2), ("drop", 3), ("reinit", 4)])
+        backup_dir = os.path.join(self.get_temp_dir(), f"backup_{interrupted_after}_{backup_first}")
+        with self.assertRaises(KeyboardInterrupt):
+            run(backup_dir, interrupt=interrupted_after)
+        resumed, resumed_callback = run(backup_dir)
+        self.assertEqual(resumed_callback.history[0]["unit"], 4 if interrupted_after == 3 else 3)
+        for a, b, w in zip(all_weights(full), all_weights(resumed), full.weights + full.optimizer.variables):
+            self.assertAllEqual(a, b, msg=w.path)
+        for a, b in zip(full_callback.state_for(full).weights, resumed_callback.state_for(resumed).weights):
+            self.assertAllEqual(a.numpy(), b.numpy(), msg=a.name)
+
+    @parameterized.named_parameters(("set_by_the_trainer", False), ("set_by_the_user", True))
+    def test_graft_trainer_backup_resumes_exactly(self, user_sets_models):
+        """GraftTrainer(backup_dir=...): its tf.train.Checkpoint of the models carries their RePr states, attached
+        before or after it restores (deferred restoration); two steps per compiled call."""
+        from keras_graft.trainer import GraftTrainer
+
+        x, y = data(24)
+
+        def run(backup_dir=None, interrupt=None):
+            trainer = GraftTrainer(lambda: conv_net(), 2, optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                                   loss=LOSS, seed=5, backup_dir=backup_dir, steps_per_execution=2)
+            repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
+            if user_sets_models:
+                repr_callback.models, repr_callback.optimizers = trainer.models, trainer.optimizers
+            callbacks = [repr_callback] + ([Interrupt(interrupt)] if interrupt is not None else [])
+            trainer.fit((x, y), epochs=6, batch_size=8, verbose=0, callbacks=callbacks)
+            return trainer, repr_callback
+
+        full, full_callback = run()
+        self.assertLen(full_callback.history, 8)  # 2 models x (2 drops + 2 re-initialisations)
+        backup_dir = os.path.join(self.get_temp_dir(), f"graft_backup_{user_sets_models}")
+        with self.assertRaises(KeyboardInterrupt):
+            run(backup_dir, interrupt=3)
+        resumed, resumed_callback = run(backup_dir)
+        self.assertEqual([e["event"] for e in resumed_callback.history], ["reinit", "reinit"])
+        for model_a, model_b in zip(full.models, resumed.models):
+            for a, b in zip(model_a.weights, model_b.weights):
+                self.assertAllEqual(a.numpy(), b.numpy(), msg=a.path)
+        for opt_a, opt_b in zip(full.optimizers, resumed.optimizers):
+            for a, b in zip(opt_a.variables, opt_b.variables):
+                self.assertAllEqual(a.numpy(), b.numpy(), msg=a.path)
+
+
+class StepsPerExecutionTest(tf.test.TestCase):
+
+    def test_hold_inside_the_compiled_step(self):
+        """With 2 steps per compiled call the dropped filters are zero after every step, and the step unit counts
+        the steps of each call."""
+        model = conv_net()
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS, steps_per_execution=2)
+        repr_callback = RePr(s1=1, s2=2, prune_ratio=0.3, cycles=1)
+        checker = HeldAtZero(self, repr_callback)
+        model.fit(*data(32), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback, checker])
+        self.assertEqual(checker.checked_steps, 4)  # 2 calls of 2 steps in each of the 2 pruned epochs
+        self.assertEqual(checker.checked_drops, 1)
+
+        model = conv_net()
+        model.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9), loss=LOSS, steps_per_execution=2)
+        repr_callback = RePr(s1=4, s2=2, prune_ratio=0.3, cycles=1, unit="step")
+        model.fit(*data(32), batch_size=8, epochs=3, verbose=0, callbacks=[repr_callback])  # 12 steps, 6 calls
+        self.assertEqual([(e["event"], e["unit"]) for e in repr_callback.history], [("drop", 4), ("reinit", 6)])
+        self.assertEqual(int(repr_callback.state_for(model).units_done.numpy()), 12)
+
+
+class LayerRankingTest(tf.test.TestCase):
+
+    def test_layer_ranking_drops_the_share_of_every_layer(self):
+        model = compiled(conv_net(filters=(4, 8, 10)))
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=1, ranking="layer")
+        recorder = Recorder(repr_callback, ["c1", "c2"])
+        model.fit(*data(), batch_size=8, epochs=2, verbose=0, callbacks=[recorder, repr_callback])
+        indices = repr_callback.history[0]["indices"]
+        for name, count in (("c1", 2), ("c2", 3)):  # round(0.3 * 8), round(0.3 * 10)
+            expected = select_filters([np_overlap(recorder.kernels[0][name])], 0.3)[0]
+            self.assertEqual(indices[name], expected.tolist())
+            self.assertLen(indices[name], count)
+
+
 class BadInputTest(tf.test.TestCase, parameterized.TestCase):
 
     @parameterized.parameters(
         {"prune_ratio": 0.0}, {"prune_ratio": 1.0}, {"prune_ratio": -0.2},
         {"s1": 0}, {"s2": -1}, {"s1": 1.5}, {"cycles": 0}, {"cycles": True},
-        {"unit": "batch"}, {"criterion": "bn_scale"}, {"criterion": "nope"},
+        {"unit": "batch"}, {"criterion": "bn_scale"}, {"criterion": "nope"}, {"ranking": "local"},
     )
     def test_bad_arguments(self, **override):
         kwargs = dict(dict(s1=1, s2=1), **override)
@@ -501,10 +683,27 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
         self.assert_fails_before_training(compiled(conv_net()), RePr(1, 1, criterion=LayerOnly()),
                                           "does not rank filters")
 
-    def test_steps_per_execution(self):
+    def test_a_step_traced_before_repr_is_detected(self):
         model = conv_net()
-        model.compile(optimizer="sgd", loss=LOSS, steps_per_execution=2)
-        self.assert_fails_before_training(model, RePr(1, 1), "steps_per_execution")
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+
+        @tf.function
+        def train_step(x, y):
+            with tf.GradientTape() as tape:
+                loss = LOSS(y, model(x, training=True))
+            optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables))
+
+        x, y = data()
+        train_step(x[:8], y[:8])  # traced before RePr set the constraints that hold dropped filters
+        repr_callback = RePr(s1=1, s2=1, cycles=1)
+        repr_callback.models, repr_callback.optimizers = [model], [optimizer]
+        repr_callback.on_train_begin()
+        repr_callback.on_epoch_begin(0)
+        repr_callback.on_epoch_begin(1)  # drop
+        train_step(x[:8], y[:8])
+        with self.assertRaisesRegex(RuntimeError, "compiled before RePr"):
+            repr_callback.on_train_batch_end(0)
 
     def test_no_optimizer(self):
         repr_callback = RePr(1, 1)
@@ -518,8 +717,18 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
 
 class ConfigTest(tf.test.TestCase):
 
+    def test_defaults_follow_the_reimplementations_and_warn_about_short_runs(self):
+        repr_callback = RePr()
+        self.assertEqual((repr_callback.s1, repr_callback.s2, repr_callback.prune_ratio, repr_callback.cycles),
+                         (20, 10, 0.3, 3))
+        self.assertEqual(repr_callback.total_units, 110)  # 3 cycles of 30 epochs, then S1 = 20 normal epochs
+        model = compiled(conv_net())
+        with self.assertLogs(level="WARNING") as captured:
+            model.fit(*data(), batch_size=8, epochs=4, verbose=0, callbacks=[RePr(s1=1, s2=1, cycles=2)])
+        self.assertIn("4 epochs leave 0 epochs", "\n".join(captured.output))
+
     def test_get_config_round_trip(self):
-        repr_callback = RePr(20, 10, prune_ratio=0.25, cycles=2, criterion="l1", unit="step", seed=7)
+        repr_callback = RePr(20, 10, prune_ratio=0.25, cycles=2, criterion="l1", unit="step", ranking="layer", seed=7)
         config = repr_callback.get_config()
         self.assertEqual(config["criterion"], {"class_name": "L1Norm", "config": {}})
         self.assertEqual(RePr.from_config(config).get_config(), config)

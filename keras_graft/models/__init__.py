@@ -4,14 +4,17 @@
 """
 import functools
 
+from keras_graft.models.convnet import convnet
 from keras_graft.models.mobilenetv2 import mobilenet_v2
 from keras_graft.models.resnet import NAMED_DEPTHS, ZeroPadShortcut, cifar_resnet
 from keras_graft.models.vgg import vgg16_bn
 from keras_graft.models.wrn import wide_resnet
 
-__all__ = ["ZeroPadShortcut", "available", "cifar_resnet", "get", "mobilenet_v2", "vgg16_bn", "wide_resnet"]
+__all__ = ["ZeroPadShortcut", "available", "cifar_resnet", "convnet", "get", "mobilenet_v2", "vgg16_bn",
+           "wide_resnet"]
 
 _BUILDERS = {
+    "convnet3": functools.partial(convnet, 3),
     **{f"resnet{d}": functools.partial(cifar_resnet, d) for d in NAMED_DEPTHS},
     **{f"resnet{d}_leaky": functools.partial(cifar_resnet, d, activation="leaky_relu") for d in NAMED_DEPTHS},
     "mobilenetv2": mobilenet_v2,
