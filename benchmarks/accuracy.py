@@ -81,6 +81,8 @@ flags.DEFINE_string("output", os.path.join(_RESULTS, "accuracy_runs.jsonl"), "JS
 flags.DEFINE_string("backup_root", "/work/keras_graft_study_backup", "Per-run checkpoints; '' disables.")
 flags.DEFINE_bool("smoke", False, "Every method once on a tiny config (512 images, 2 epochs, 1 seed), written to a "
                   "temporary file unless --output is given.")
+flags.DEFINE_string("repr_output", os.path.join(_RESULTS, "repr_study_test.jsonl"),
+                    "Report: RePr's study (benchmarks/repr_study.py --test), added to the summary as its own study.")
 flags.DEFINE_bool("report", False, "Write the summary, table and plots from --output instead of training.")
 flags.DEFINE_string("summary", os.path.join(_RESULTS, "accuracy_summary.json"), "Report: machine-readable summary.")
 flags.DEFINE_string("report_md", os.path.join(_RESULTS, "accuracy.md"), "Report: markdown tables.")
@@ -369,6 +371,37 @@ def summarize(records):
     return {"studies": studies}
 
 
+def summarize_repr(records):
+    """RePr's study (benchmarks/repr_study.py --test) in the summary's shape: final = test accuracy after the
+    last epoch; its per-epoch curves are on the validation split, so ``best_*`` is the best validation epoch."""
+    records = [r for r in records if "test_accuracy" in r]
+    if not records:
+        return []
+    config = records[0]["config"]
+    records = [r for r in records if r["config"]["key"] == config["key"]]
+    by = {(r["method"], r["seed"]): r for r in records}
+    methods = {}
+    for method in ("baseline", "repr"):
+        mine = sorted((r for r in records if r["method"] == method), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        final = [r["test_accuracy"] for r in mine]
+        best = [r["best_val_accuracy"] for r in mine]
+        entry = {"models": 1, "seeds": [r["seed"] for r in mine], "final_per_seed": final,
+                 "final_mean": _mean_std(final)[0], "final_std": _mean_std(final)[1], "best_is": "validation",
+                 "best_mean": _mean_std(best)[0], "best_std": _mean_std(best)[1], "invalid_ratio_final": None,
+                 "seconds_per_epoch": float(np.mean([r["seconds_per_epoch_median"] for r in mine]))}
+        if method == "repr":
+            paired = [r["test_accuracy"] - by[("baseline", r["seed"])]["test_accuracy"] for r in mine
+                      if ("baseline", r["seed"]) in by]
+            entry.update({"paired_final_mean": _mean_std(paired)[0], "paired_final_std": _mean_std(paired)[1],
+                          "paired_final_ci95": _interval(paired)})
+        methods[method] = entry
+    return [{"config": {**config, "config_key": config["key"], "dataset": "fashion_mnist",
+                        "evaluation": "test set once after the last epoch; settings chosen on train[55000:]"},
+             "methods": methods}]
+
+
 def _pct(mean, std=None):
     if mean is None:
         return "-"
@@ -379,6 +412,23 @@ def markdown(summary):
     lines = []
     for study_ in summary["studies"]:
         c = study_["config"]
+        if "steps_per_model" not in c:  # RePr's study
+            lines += [f"### RePr: {c['model']}, {c['train_subset']} training images, {c['epochs']} epochs", "",
+                      f"Settings: `{json.dumps({k: v for k, v in c.items() if k not in ('key', 'config_key')})}`. "
+                      "Test accuracy (%) after the last epoch (settings chosen on a validation split); best = best "
+                      "validation epoch.", "",
+                      "| method | seeds | final (test) | per seed | paired (95% CI) | best (validation) | s/epoch |",
+                      "|---|---|---|---|---|---|---|"]
+            for name, m in study_["methods"].items():
+                ci = m.get("paired_final_ci95")
+                paired = "-" if name == "baseline" else (
+                    _pct(m["paired_final_mean"], m["paired_final_std"])
+                    + (f" ({100 * ci[0]:+.2f}, {100 * ci[1]:+.2f})" if ci else ""))
+                per_seed = ", ".join(f"{100 * a:.2f}" for a in m["final_per_seed"])
+                lines.append(f"| {name} | {len(m['seeds'])} | {_pct(m['final_mean'], m['final_std'])} | {per_seed} | "
+                             f"{paired} | {_pct(m['best_mean'], m['best_std'])} | {m['seconds_per_epoch']:.1f} |")
+            lines.append("")
+            continue
         lines += [f"### `{c['config_key']}`", "",
                   f"{c['model']}, {c['train_examples']} training images, batch {c['batch_size']}, {c['epochs']} "
                   f"epochs ({c['steps_per_model']} steps per model, {c['steps_at_initial_lr']} at lr {c['lr']}), "
@@ -447,6 +497,7 @@ def report():
     if not records:
         raise app.UsageError(f"No results in {FLAGS.output}.")
     summary = summarize(records)
+    summary["studies"] += summarize_repr(load_records(FLAGS.repr_output))
     for path, text in ((FLAGS.summary, json.dumps(summary, indent=1)), (FLAGS.report_md, markdown(summary))):
         with open(path, "w") as f:
             f.write(text + "\n")
