@@ -22,7 +22,7 @@ _ACTIVATIONS = ("auto", None, "softmax", "sigmoid")
 
 
 class _PeerMean(keras.metrics.Metric):
-    """The mean over peers of one result (logged as ``loss``, ``accuracy``...); it holds no state of its own."""
+    """(1/N) sum_k r_k over the peers' results r_k of one metric (logs ``loss``, ``accuracy``...); no state."""
 
     def __init__(self, name, results):
         super().__init__(name=name)
@@ -54,7 +54,8 @@ def _spread(num_peers, lr_spread):
 
 @keras.saving.register_keras_serializable(package="keras_graft")
 class PeerEnsemble(keras.Model):
-    """N peer models as one Keras model whose output is the mean of the peers' probabilities.
+    """N peer models as one Keras model whose output is the mean of the peers' probabilities,
+    p(x) = (1/N) sum_k act(s_k(x)) with act the output activation.
 
     ``compile`` then ``fit`` train every peer in one step, each with its own optimizer cloned from the compiled one
     (kept in :attr:`peer_optimizers`, so ``save_weights``, ``BackupAndRestore`` and ``ModelCheckpoint`` carry their

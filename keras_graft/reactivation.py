@@ -48,6 +48,7 @@ from absl import logging
 from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
 from keras_graft import layouts
+from keras_graft.ensemble import PeerEnsemble
 
 __all__ = ["RePr", "PHASES", "LEVELS", "phase_at", "select_filters", "orthogonal_directions", "optimizer_slots",
            "to_rows", "from_rows"]
@@ -296,7 +297,8 @@ class RePr(keras.callbacks.Callback):
         self.unit = unit
         self.verbose = verbose
         self.seed = seed
-        #: Models to act on in every hook instead of ``self.model`` (set by a trainer of several models).
+        #: Models to act on in every hook instead of ``self.model`` (set by a trainer of several models; a
+        #: PeerEnsemble being fit gives its peers and their optimizers).
         self.models = None
         #: Their optimizers, aligned with ``models``; None: each model's ``model.optimizer``.
         self.optimizers = None
@@ -324,8 +326,10 @@ class RePr(keras.callbacks.Callback):
 
     def _targets(self):
         """[(model, optimizer)] the hooks act on."""
-        models = self.models if self.models is not None else [self.model]
-        optimizers = self.optimizers
+        models, optimizers = self.models, self.optimizers
+        if models is None and isinstance(self.model, PeerEnsemble) and self.model.peer_optimizers:
+            models, optimizers = self.model.peers, self.model.peer_optimizers  # each peer its own schedule
+        models = models if models is not None else [self.model]
         if optimizers is None:
             optimizers = [getattr(model, "optimizer", None) for model in models]
         if len(optimizers) != len(models):

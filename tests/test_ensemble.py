@@ -194,6 +194,14 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "not built"):
             unbuilt.compile(optimizer="sgd", loss=LOGITS_LOSS)
 
+    def test_repr_acts_on_each_peer_with_its_optimizer(self):
+        peers = make_peers(2)
+        callback = keras_graft.RePr(s1=1, s2=1, cycles=1)
+        callback.set_model(peers)
+        targets = callback._targets()
+        self.assertEqual([m for m, _ in targets], list(peers.peers))
+        self.assertEqual([o for _, o in targets], list(peers.peer_optimizers))
+
     def test_importable_from_the_trainer_module(self):
         self.assertIs(PeerEnsembleFromTrainer, keras_graft.PeerEnsemble)
 
