@@ -12,6 +12,7 @@ from keras_graft.peers import ModelPeers, PeerSource
 from keras_graft.reactivation import RePr
 from keras_graft.scions import InternalScion, NoiseScion
 from keras_graft.shared_directory import InvalidWeightsError, RankConflictError, SharedDirectory, UnreadableWeightsError
-from keras_graft.trainer import GraftTrainer, PeerEnsemble
+from keras_graft.ensemble import PeerEnsemble
+from keras_graft.trainer import GraftTrainer
 
 __version__ = "0.1.0"

@@ -12,15 +12,30 @@ from keras_graft import criteria as criteria_lib
 from keras_graft import grafting
 from keras_graft import layouts
 from keras_graft import peers as peers_lib
+from keras_graft.ensemble import PeerEnsemble
 
 
 class Grafting(keras.callbacks.Callback):
     """Grafts peers' weights into the model after every ``every_n_epochs``-th epoch.
 
-    ``model.fit(x, y, callbacks=[Grafting(peers=[other_model])])``. ``peers`` is a Keras model, a list of models
-    (grafted one after another), or a :class:`keras_graft.peers.PeerSource` such as
-    :class:`keras_graft.SharedDirectory` for peers in other processes or hosts. Inside
-    :class:`keras_graft.GraftTrainer` leave ``peers`` as None: the trainer's models graft in a ring.
+    Who trains the peers, in each usage:
+
+    - ``PeerEnsemble.fit(..., callbacks=[Grafting()])``: the ensemble's own train step trains every peer, and the
+      peers graft in a ring (peer k takes from peer k - 1, reading the weights from before the round). Peers whose
+      epoch loss (``loss_k``) is NaN or Inf are not mixed into their successor (``nonfinite_models`` counts them).
+    - ``GraftTrainer(grafting=Grafting(...))``: the trainer trains its models and grafts them in a ring; it reads
+      only this callback's settings.
+    - ``model.fit(..., callbacks=[Grafting(SharedDirectory(...))])``: one process per peer, each training its own
+      model with ``fit``; they meet through the directory.
+    - ``model.fit(..., callbacks=[Grafting(peers=[donor])])``: nobody trains ``donor`` here. Grafting from a fixed
+      (pre-trained) donor is legitimate, but a peer that was meant to train alongside and does not drags the model
+      towards the same untrained weights every round: when a peer's weights have not changed since the previous
+      round (one in-graph checksum per peer) a warning names it; ``warn_static=False`` silences it. For peers that
+      train together, fit a PeerEnsemble.
+
+    ``peers`` is a Keras model, a list of models (grafted one after another), a
+    :class:`keras_graft.peers.PeerSource` (:class:`keras_graft.SharedDirectory`, the scions), or None for the
+    ring of a PeerEnsemble or GraftTrainer.
 
     When the graft happens (the reference protocol, fxmeng/filter-grafting: train -> test -> save -> graft): the
     round after epoch e runs when epoch e + 1 begins, so epoch e's validation, ``ModelCheckpoint``,
@@ -49,6 +64,9 @@ class Grafting(keras.callbacks.Callback):
     and the layer counts summed. Scions (:class:`keras_graft.NoiseScion`) have no peer: spread and distance 0,
     plus ``scion_filters``.
 
+    On a PeerEnsemble (``peers=None``) the same keys come per peer (``graft_alpha_k``...), merged over the peers
+    without the suffix, with ``nonfinite_models``.
+
     Args:
       peers: see above.
       criterion: "entropy", "l1", "bn_scale", a criterion object; None: entropy (layer), BN scale (filter).
@@ -59,12 +77,13 @@ class Grafting(keras.callbacks.Callback):
       final_graft: also graft after the final epoch (the weights returned are then grafted, not validated).
       model: the model to graft, when it is not the one being fit: e.g. ``distiller.student`` when fitting a
         ``keras.distillation.Distiller``. Default: the callback's model.
+      warn_static: warn when a peer model has not changed since the previous round (see above).
       verbose: 1 prints one line per round (alpha, spread, peer distance, layers) through Keras' printing
         (stdout, or absl logging after ``keras.config.disable_interactive_logging()``).
     """
 
     def __init__(self, peers=None, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
-                 final_graft=False, model=None, verbose=0):
+                 final_graft=False, model=None, warn_static=True, verbose=0):
         super().__init__()
         grafting.validate_hyperparameters(a, c, level)
         every_n_epochs = checks.integer("Grafting", "every_n_epochs", every_n_epochs, minimum=1)
@@ -72,6 +91,9 @@ class Grafting(keras.callbacks.Callback):
             raise TypeError(f"Grafting: model must be None or the Keras model to graft, got a "
                             f"{type(model).__name__}.")
         self.peers = None if peers is None else peers_lib.get(peers)
+        self.warn_static = bool(warn_static)
+        if isinstance(self.peers, peers_lib.ModelPeers):
+            self.peers.warn_static = self.warn_static
         self.criterion = criteria_lib.get(criterion or grafting.default_criterion(level))
         self.a = float(a)
         self.c = float(c)
@@ -82,6 +104,7 @@ class Grafting(keras.callbacks.Callback):
         self.target = model
         self.verbose = checks.verbose("Grafting", verbose)
         self._grafter = None
+        self._ring = None
 
     def get_config(self):
         return {
@@ -92,29 +115,46 @@ class Grafting(keras.callbacks.Callback):
             "every_n_epochs": self.every_n_epochs,
             "layers": self.layers if not callable(self.layers) else None,
             "final_graft": self.final_graft,
+            "warn_static": self.warn_static,
             "verbose": self.verbose,
         }
 
+    def _target(self):
+        return self.target if self.target is not None else self.model
+
+    def _ring_peers(self):
+        """The models of the ring this callback grafts (peers=None on a PeerEnsemble); raises for other models."""
+        target = self._target()
+        if not isinstance(target, PeerEnsemble):
+            raise ValueError("Grafting has no peers: fit a keras_graft.PeerEnsemble (its peers graft in a ring), "
+                             "pass peers=[model, ...] or a PeerSource, or give the settings to "
+                             "GraftTrainer(grafting=Grafting(...)).")
+        if len(target.peers) < 2:
+            raise ValueError("A PeerEnsemble needs at least 2 peers to graft in a ring.")
+        return list(target.peers)
+
     def grafter(self):
         """The compiled graft for this callback's model, built on first use."""
-        target = self.target if self.target is not None else self.model
+        target = self._target()
         if self._grafter is None or self._grafter.model is not target:
             if self.peers is None:
-                raise ValueError("Grafting has no peers: pass peers=[model, ...] or a PeerSource (peers=None is "
-                                 "only for GraftTrainer, whose models graft in a ring).")
+                self._ring_peers()
             self.peers.setup(target)
             self._grafter = grafting.Grafter(target, self.criterion, self.a, self.c, self.level, self.layers)
         return self._grafter
 
     def on_train_begin(self, logs=None):
-        if self.peers is None:
-            raise ValueError("Grafting has no peers: pass peers=[model, ...] or a PeerSource (peers=None is only "
-                             "for GraftTrainer, whose models graft in a ring).")
         self._last_epoch = None
         self._done_round = None
         self._resumed = False
         self._set_initial_epoch = False
-        target = self.target if self.target is not None else self.model
+        if self.peers is None:
+            peers = self._ring_peers()
+            if self._ring is None or self._ring.models != peers:
+                self._ring = grafting.RingGrafter(peers, self.criterion, self.a, self.c, self.level, self.layers)
+            self._healthy = [True] * len(peers)
+            return
+        target = self._target()
         if target.built and target.weights:
             self.grafter()
             # A peer source that keeps the run's state (SharedDirectory) restores a killed run here.
@@ -131,19 +171,31 @@ class Grafting(keras.callbacks.Callback):
         """Whether a round follows (0-based) epoch ``epoch``: after epochs n, 2n, ..."""
         return (epoch + 1) % self.every_n_epochs == 0
 
+    def _idle_logs(self):
+        return idle_ring_logs(len(self._ring.models)) if self.peers is None else self.peers.idle_logs()
+
     def on_epoch_begin(self, epoch, logs=None):
         if getattr(self, "_resumed", False):
             self._resumed = False
             self.peers.confirm_restore(epoch)
-        self._round_logs = self.peers.idle_logs()
+        self._round_logs = self._idle_logs()
         self._last_epoch = epoch
         if epoch > 0 and self.round_due(epoch - 1) and getattr(self, "_done_round", None) != epoch - 1:
             self._round_logs = self._run_round(epoch - 1)
 
     def on_epoch_end(self, epoch, logs=None):
-        self.peers.record_epoch(epoch, logs)
-        if logs is not None:
-            logs.update(self._round_logs)
+        if self.peers is not None:
+            self.peers.record_epoch(epoch, logs)
+        if logs is None:
+            return
+        logs.update(self._round_logs)
+        if self.peers is None:
+            # A peer whose loss is NaN or Inf this epoch is not mixed into its successor at the next round.
+            self._healthy = [bool(np.isfinite(logs.get(f"loss_{k}", 0.0))) for k in range(len(self._healthy))]
+            logs["nonfinite_models"] = self._healthy.count(False)
+            if not all(self._healthy):
+                logging.warning("Epoch %d: peers %s have a non-finite loss; they are not grafted into their peers.",
+                                epoch + 1, [k for k, ok in enumerate(self._healthy) if not ok])
 
     def on_train_end(self, logs=None):
         last = getattr(self, "_last_epoch", None)
@@ -154,15 +206,18 @@ class Grafting(keras.callbacks.Callback):
         if getattr(self, "_set_initial_epoch", False):
             self._set_initial_epoch = False
             self.model._initial_epoch = self._initial_epoch_before  # a later fit starts where it is asked to
-        target = self.target if self.target is not None else self.model
-        self.peers.finish(target, last, round_done)
+        if self.peers is not None:
+            self.peers.finish(self._target(), last, round_done)
 
     def _run_round(self, round_index):
         """Grafts the round that follows epoch ``round_index``; returns its logs."""
-        graft_logs = merge_logs(self.peers.graft_round(self.grafter(), round_index))
+        if self.peers is None:
+            with self._target().distribute_strategy.scope():
+                graft_logs = ring_logs(self._ring(self._healthy))
+        else:
+            graft_logs = merge_logs(self.peers.graft_round(self.grafter(), round_index))
         if self.verbose:
-            model = self.grafter().model
-            io_utils.print_msg(f"Grafting '{model.name}', round after epoch {round_index + 1}: "
+            io_utils.print_msg(f"Grafting '{self._target().name}', round after epoch {round_index + 1}: "
                                f"{round_summary(graft_logs)}")
         return graft_logs
 
@@ -177,6 +232,20 @@ def round_summary(logs, suffix=""):
     if f"scion_filters{suffix}" in logs:
         line += f", {logs[f'scion_filters{suffix}']} scion filters"
     return line
+
+
+def idle_ring_logs(num_models):
+    """The logs of a ring epoch that no round opened: per model and merged, every key at its neutral value."""
+    idle = grafting.idle_logs()
+    return {**{f"{key}_{k}": value for k in range(num_models) for key, value in idle.items()}, **idle}
+
+
+def ring_logs(results):
+    """Logs of a ring round: per model (``graft_alpha_k``...) and merged over models (``graft_alpha``...)."""
+    logs = merge_logs(results)
+    for k, result in enumerate(results):
+        logs.update({f"{key}_{k}": value for key, value in result.logs().items()})
+    return logs
 
 
 def merge_logs(results):
@@ -194,6 +263,9 @@ def merge_logs(results):
 
 class FilterStats(keras.callbacks.Callback):
     """Logs invalid filters (L1 norm below each threshold) and the mean layer entropy after each epoch.
+
+    It measures ``models`` (suffix ``_k`` per model when there are several), else the peers of a PeerEnsemble or
+    GraftTrainer, else the model being fit.
 
     Keys: ``invalid_filters``, ``invalid_filter_ratio`` for a single threshold, suffixed ``_<threshold>``
     for several (``invalid_filters_0.1``), and ``mean_entropy`` over convolution kernels; with several
@@ -283,7 +355,9 @@ class FilterStats(keras.callbacks.Callback):
                 self._function(model)
 
     def on_epoch_end(self, epoch, logs=None):
-        models = self._targets()
+        models = self.models
+        if models is None:
+            models = self.model.peers if isinstance(self.model, PeerEnsemble) else [self.model]
         stats = {}
         for k, model in enumerate(models):
             suffix = "" if len(models) == 1 else f"_{k}"

@@ -8,6 +8,9 @@ The interface is small: ``setup(model)`` validates the peers once before trainin
 import abc
 
 import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
 
 from keras_graft import checks
 from keras_graft import grafting
@@ -50,10 +53,13 @@ class PeerSource(abc.ABC):
 class ModelPeers(PeerSource):
     """Peers that are Keras models in this program; their current weights are read in-graph.
 
-    With several peers the model grafts them one after another in the given order.
+    With several peers the model grafts them one after another in the given order. Nothing here trains them: with
+    ``warn_static`` a peer whose weights have not changed since the previous round (or since training began) is
+    named in a warning, once. Its weights are compared through one in-graph checksum per peer, (sum w, sum w^2)
+    in float64, a single host transfer per round.
     """
 
-    def __init__(self, models):
+    def __init__(self, models, warn_static=True):
         models = list(models)
         if not models:
             raise ValueError("Grafting needs at least one peer model.")
@@ -62,6 +68,10 @@ class ModelPeers(PeerSource):
                 raise TypeError(f"Peers must be Keras models or a PeerSource, got peer {k} = "
                                 f"{checks.shown(peer)} (a {type(peer).__name__}).")
         self.models = models
+        self.warn_static = warn_static
+        self._checksums = None
+        self._previous = None
+        self._warned = set()
 
     def setup(self, model):
         for k, peer in enumerate(self.models):
@@ -70,8 +80,35 @@ class ModelPeers(PeerSource):
             if not peer.built or not peer.weights:
                 raise ValueError(f"Peer {k} ('{peer.name}') is not built; build it before grafting.")
             grafting.check_compatible(model, grafting.weight_specs(peer), f"Peer {k} ('{peer.name}')")
+        self._checksums = tf.function(self._checksum_values, autograph=False)
+        self._previous = self._checksums().numpy()
+        self._warned = set()
+
+    def _checksum_values(self):
+        """[N, 2]: per peer, the sum and the sum of squares of all its weights, in float64."""
+        rows = []
+        for peer in self.models:
+            values = [tf.cast(tf.reshape(w.value, [-1]), tf.float64) for w in peer.weights]
+            rows.append(tf.stack([tf.add_n([tf.reduce_sum(v) for v in values]),
+                                  tf.add_n([tf.reduce_sum(tf.square(v)) for v in values])]))
+        return tf.stack(rows)
+
+    def _warn_if_static(self):
+        current = self._checksums().numpy()
+        for k in np.flatnonzero(np.all(current == self._previous, axis=1)):
+            if k not in self._warned:
+                self._warned.add(k)
+                logging.warning(
+                    "Grafting: peer %d ('%s') has the same weights as at the previous round: it is not training, so "
+                    "every round mixes the same fixed weights into the model. That is right for a fixed pre-trained "
+                    "donor (pass warn_static=False to silence this warning); to train peers side by side, fit a "
+                    "keras_graft.PeerEnsemble with Grafting() or use keras_graft.GraftTrainer.",
+                    k, self.models[k].name)
+        self._previous = current
 
     def graft_round(self, grafter, round_index):
+        if self.warn_static and self._checksums is not None:
+            self._warn_if_static()
         return [grafter.graft_model(peer) for peer in self.models]
 
 

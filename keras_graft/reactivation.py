@@ -59,6 +59,7 @@ from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
 from keras_graft import layouts
+from keras_graft.ensemble import PeerEnsemble
 
 __all__ = ["RePr", "RePrState", "PHASES", "LEVELS", "RANKINGS", "STATE_ATTRIBUTE", "phase_at", "select_filters",
            "orthogonal_directions", "optimizer_slots", "to_rows", "from_rows"]
@@ -513,8 +514,10 @@ class RePr(keras.callbacks.Callback):
 
     def _targets(self):
         """[(model, optimizer)] the hooks act on."""
-        models = self._models if self._models is not None else [self.model]
-        optimizers = self.optimizers
+        models, optimizers = self._models, self.optimizers
+        if models is None and isinstance(self.model, PeerEnsemble) and self.model.peer_optimizers:
+            models, optimizers = self.model.peers, self.model.peer_optimizers  # each peer its own schedule
+        models = models if models is not None else [self.model]
         if optimizers is None:
             optimizers = [getattr(model, "optimizer", None) for model in models]
         if len(optimizers) != len(models):

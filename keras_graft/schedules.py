@@ -120,6 +120,24 @@ class StepDecay(keras.optimizers.schedules.LearningRateSchedule):
         }
 
 
+@keras.saving.register_keras_serializable(package="keras_graft")
+class Scaled(keras.optimizers.schedules.LearningRateSchedule):
+    """lr_t = factor * schedule(t): one peer's share of a spread schedule (``PeerEnsemble.compile(lr_spread=True)``
+    with a scheduled learning rate gives peer k the factor (1 + cos(pi * (N - k) / N)) / 2)."""
+
+    def __init__(self, schedule, factor):
+        if isinstance(schedule, dict):
+            schedule = keras.optimizers.schedules.deserialize(schedule)
+        self.schedule = schedule
+        self.factor = float(factor)
+
+    def __call__(self, step):
+        return self.factor * self.schedule(step)
+
+    def get_config(self):
+        return {"schedule": keras.optimizers.schedules.serialize(self.schedule), "factor": self.factor}
+
+
 SCHEDULES = {"cosine": CosineAnnealing, "step": StepDecay}
 
 

@@ -9,10 +9,8 @@ replica and every worker receives the same values.
 Diversity between peers (each switchable): the initial learning rate spread lr_k = lr * (1 + cos(pi*(N-k)/N)) / 2,
 per-step cosine annealing or step decay (:mod:`keras_graft.schedules`), and a data order of its own per model.
 
-Loss scaling: Keras losses with the default "sum_over_batch_size" reduction divide the per-replica mean by the
-number of replicas (``keras.src.losses.loss.scale_loss_for_distribution``), and the optimizer sums gradients over
-replicas, so the update uses the global-batch mean. The models' own losses (regularisation) are divided by the
-number of replicas here for the same reason; logged losses are multiplied back.
+The step itself (losses, distillation, loss scaling under mixed_float16, the atomic update) is the one
+:class:`keras_graft.PeerEnsemble` trains with in Keras' ``fit``: :mod:`keras_graft.steps`.
 """
 
 import inspect
@@ -37,180 +35,12 @@ from keras_graft import distillation as distillation_lib
 from keras_graft import grafting as grafting_lib
 from keras_graft import reactivation
 from keras_graft import schedules as schedules_lib
+from keras_graft import steps as steps_lib
 from keras_graft import strategies as strategies_lib
+from keras_graft.ensemble import PeerEnsemble
 
 DATA_ORDERS = ("per_model", "shared")
-_ACCURACY_NAMES = ("accuracy", "acc")
 _DEFAULT_SHUFFLE_BUFFER = 10_000
-
-
-@keras.saving.register_keras_serializable(package="keras_graft")
-class PeerEnsemble(keras.Model):
-    """The peers as one Keras model whose output is the mean of the peers' probabilities.
-
-    GraftTrainer hands it to Keras callbacks as ``callback.model``: ``get_weights``/``set_weights`` cover all peers
-    (so ``EarlyStopping(restore_best_weights=True)`` and ``ModelCheckpoint`` keep every model), and setting
-    ``stop_training`` stops the trainer.
-
-    Args:
-      peers: Keras models of the same architecture.
-      output_activation: "softmax" or "sigmoid" when the peers output logits, None when they output probabilities
-        (or any other quantity that is averaged as is).
-    """
-
-    def __init__(self, peers, output_activation=None, **kwargs):
-        super().__init__(**kwargs)
-        if output_activation not in (None, "softmax", "sigmoid"):
-            raise ValueError(f"output_activation must be None, 'softmax' or 'sigmoid', got {output_activation!r}.")
-        if not isinstance(peers, (list, tuple)) or not peers or not all(isinstance(p, keras.Model) for p in peers):
-            raise TypeError(f"PeerEnsemble: peers must be a non-empty list of Keras models, got "
-                            f"{checks.shown(peers)}.")
-        self.peers = list(peers)
-        self.output_activation = output_activation
-        self.built = all(peer.built for peer in self.peers)
-
-    def probabilities(self, outputs):
-        """Applies the output activation to one peer's outputs."""
-        if self.output_activation == "softmax":
-            return keras.ops.softmax(outputs, axis=-1)
-        if self.output_activation == "sigmoid":
-            return keras.ops.sigmoid(outputs)
-        return outputs
-
-    def call(self, inputs, training=False):
-        outputs = [self.probabilities(peer(inputs, training=training)) for peer in self.peers]
-        return keras.ops.mean(keras.ops.stack(outputs), axis=0)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "peers": [keras.saving.serialize_keras_object(peer) for peer in self.peers],
-            "output_activation": self.output_activation,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        config = dict(config)
-        config["peers"] = [keras.saving.deserialize_keras_object(peer) for peer in config["peers"]]
-        return cls(**config)
-
-
-def _resolve_loss(loss):
-    """A Keras Loss object (its reduction scales by the number of replicas) from an identifier."""
-    if loss is None:
-        raise ValueError("GraftTrainer needs a loss, e.g. loss='sparse_categorical_crossentropy'.")
-    if isinstance(loss, keras.losses.Loss):
-        return loss
-    if isinstance(loss, str):
-        class_name = "".join(part.capitalize() for part in loss.split("_"))
-        try:
-            resolved = keras.losses.get(class_name)
-        except ValueError:
-            resolved = keras.losses.get(loss)
-    else:
-        resolved = keras.losses.get(loss)
-    if isinstance(resolved, keras.losses.Loss):
-        return resolved
-    if callable(resolved):
-        return keras.losses.LossFunctionWrapper(resolved, name=getattr(resolved, "__name__", None))
-    raise ValueError(f"Cannot interpret loss {loss!r}.")
-
-
-def _probability_loss(loss):
-    """The same loss on probabilities (from_logits=False), to score the ensemble's averaged probabilities."""
-    config = loss.get_config()
-    if not config.get("from_logits"):
-        return loss
-    return loss.__class__.from_config({**config, "from_logits": False})
-
-
-def _output_activation(loss, output_shape):
-    if not loss.get_config().get("from_logits"):
-        return None
-    return "sigmoid" if output_shape[-1] == 1 else "softmax"
-
-
-def _healthy_mean(probabilities, healthy):
-    """The ensemble's mean over the models flagged healthy whose outputs for an example are finite.
-
-    An example for which no healthy model has finite outputs takes the mean over the models that do; NaN when none
-    does. So one diverged (NaN or exploded) model never turns the ensemble's predictions into NaN.
-    """
-    stacked = tf.stack([tf.convert_to_tensor(p) for p in probabilities])  # (models, batch, ...)
-    flat = tf.reshape(stacked, [tf.shape(stacked)[0], tf.shape(stacked)[1], -1])
-    finite = tf.reduce_all(tf.math.is_finite(flat), axis=-1)  # (models, batch)
-    use = tf.logical_and(finite, tf.reshape(tf.cast(healthy, tf.bool), [-1, 1]))
-    use = tf.where(tf.reduce_any(use, axis=0, keepdims=True), use, finite)
-    weights = tf.reshape(tf.cast(use, stacked.dtype),
-                         tf.concat([tf.shape(use), tf.ones([tf.rank(stacked) - 2], tf.int32)], 0))
-    values = tf.where(tf.cast(weights, tf.bool), stacked, tf.zeros_like(stacked))
-    return tf.reduce_sum(values * weights, axis=0) / tf.reduce_sum(weights, axis=0)
-
-
-def _replicas():
-    return tf.distribute.get_strategy().num_replicas_in_sync
-
-
-class _ModelMetrics:
-    """Loss tracker and metrics of one model (or of the ensemble), created in the strategy's scope.
-
-    Metric variables are synchronised on read, so results read in cross-replica context cover all replicas.
-    """
-
-    def __init__(self, metric_specs, y_spec, output_shape, loss_terms=()):
-        self.loss = keras.metrics.Mean(name="loss")
-        self.terms = {name: keras.metrics.Mean(name=name) for name in loss_terms}
-        self.metrics = [self._metric(spec, y_spec, output_shape) for spec in metric_specs]
-
-    @staticmethod
-    def _metric(spec, y_spec, output_shape):
-        """Like Keras' compile: "accuracy" becomes binary, sparse categorical or categorical accuracy."""
-        if isinstance(spec, keras.metrics.Metric):
-            return spec.__class__.from_config(spec.get_config())
-        if spec in _ACCURACY_NAMES:
-            y_rank, y_last = y_spec.shape.rank, y_spec.shape[-1] if y_spec.shape.rank else None
-            if output_shape[-1] == 1:
-                return keras.metrics.BinaryAccuracy(name=spec)
-            if y_rank is not None and (y_rank < len(output_shape) or y_last == 1):
-                return keras.metrics.SparseCategoricalAccuracy(name=spec)
-            return keras.metrics.CategoricalAccuracy(name=spec)
-        metric = keras.metrics.get(spec)
-        if isinstance(metric, keras.metrics.Metric):
-            return metric
-        return keras.metrics.MeanMetricWrapper(metric, name=spec if isinstance(spec, str) else metric.__name__)
-
-    def update(self, loss, y, y_pred):
-        """``loss`` is the per-replica loss as the optimizer sees it (divided by the number of replicas)."""
-        self.loss.update_state(loss * _replicas(), sample_weight=tf.shape(y_pred)[0])
-        for metric in self.metrics:
-            metric.update_state(y, y_pred)
-
-    def update_terms(self, batch_size, **terms):
-        """Parts of the loss (e.g. task_loss, distill_loss), per replica as the optimizer sees them."""
-        for name, value in terms.items():
-            self.terms[name].update_state(value * _replicas(), sample_weight=batch_size)
-
-    def results(self):
-        results = {"loss": self.loss.result(), **{m.name: m.result() for m in self.metrics}}
-        results.update({name: term.result() for name, term in self.terms.items()})
-        return results
-
-    def reset(self):
-        self.loss.reset_state()
-        for term in self.terms.values():
-            term.reset_state()
-        for metric in self.metrics:
-            metric.reset_state()
-
-
-def _seed_states(model):
-    """The states of a model's random seed generators (Dropout, ...): its variables that are not weights."""
-    weights = {id(w) for w in model.weights}
-    return [v for v in model.variables if id(v) not in weights]
-
-
-def _spec(variable):
-    return [list(variable.shape), str(variable.dtype)]
 
 
 class _Backup:
@@ -483,7 +313,7 @@ class GraftTrainer:
         if self.grafting is not None and self.num_models < 2:
             raise ValueError("Grafting needs at least 2 models; use grafting=None for a single model.")
         self.strategy = strategies_lib.get(strategy)
-        self.loss = _resolve_loss(loss)
+        self.loss = steps_lib.resolve_loss(loss)
         self.metric_specs = list(metrics or [])
         self.data_order = data_order
         self.distillation = distillation
@@ -519,12 +349,17 @@ class GraftTrainer:
             for model, opt in zip(self.models, self.optimizers):
                 opt.build(model.trainable_variables)
             output_shape = tuple(self.models[0].outputs[0].shape)
-            self.ensemble = PeerEnsemble(self.models, _output_activation(self.loss, output_shape), name="peers")
+            self.ensemble = PeerEnsemble(self.models, steps_lib.output_activation(self.loss, output_shape),
+                                         name="peers")
             self.ensemble.optimizer = self.optimizers[0]  # Read by TensorBoard for the step counter.
             self.ensemble.stop_training = False
             if distillation is not None:
                 distillation.build(self.models)
-        self._ensemble_loss = _probability_loss(self.loss)
+            terms = ("task_loss", "distill_loss") if distillation is not None else ()
+            self._trackers = [steps_lib.Tracker(self.metric_specs, f"_{k}", terms) for k in range(self.num_models)]
+            self._ensemble_tracker = steps_lib.Tracker(self.metric_specs, "_ensemble")
+        self._step = steps_lib.PeerStep(self.models, self.optimizers, self.loss, self._trackers, distillation,
+                                        self._ensemble_tracker, self.ensemble.probabilities, self._healthy)
         self._ring = None
         if self.grafting is not None:
             g = self.grafting
@@ -578,6 +413,7 @@ class GraftTrainer:
         return models
 
     def _build_optimizers(self, optimizer):
+        """Model k's optimizer (a LossScaleOptimizer when the models compute in mixed_float16)."""
         if callable(optimizer) and not isinstance(optimizer, keras.optimizers.Optimizer):
             if self.lr_spread or self._schedule is not None:
                 raise ValueError("With an optimizer factory, set each model's learning rate in the factory "
@@ -589,19 +425,28 @@ class GraftTrainer:
                                     "Keras optimizer.")
                 if any(opt is other for other in optimizers[:k]):
                     raise ValueError("The optimizer factory returned the same optimizer twice; build one per model.")
+            if self._mixed_float16():
+                optimizers = [o if isinstance(o, keras.optimizers.LossScaleOptimizer)
+                              else keras.optimizers.LossScaleOptimizer(o) for o in optimizers]
             return optimizers
-        template = keras.optimizers.get(optimizer)
-        config = template.get_config()
-        rates = [config["learning_rate"]] * self.num_models
-        if self.lr_spread or self._schedule is not None:
-            if not isinstance(config["learning_rate"], (int, float)):
-                raise ValueError("lr_spread and lr_schedule need an optimizer with a constant initial learning rate, "
-                                 f"got {config['learning_rate']!r}.")
-            if self.lr_spread:
-                rates = schedules_lib.spread_learning_rates(float(config["learning_rate"]), self.num_models)
-        if self._schedule is not None:
-            rates = [self._schedule(rate) for rate in rates]
-        return [template.__class__.from_config({**config, "learning_rate": rate}) for rate in rates]
+
+        def learning_rates(rate):
+            rates = [rate] * self.num_models
+            if self.lr_spread or self._schedule is not None:
+                if not isinstance(rate, (int, float)):
+                    raise ValueError("lr_spread and lr_schedule need an optimizer with a constant initial learning "
+                                     f"rate, got {rate!r}.")
+                if self.lr_spread:
+                    rates = schedules_lib.spread_learning_rates(float(rate), self.num_models)
+            if self._schedule is not None:
+                rates = [self._schedule(rate) for rate in rates]
+            return rates
+
+        return steps_lib.clone_optimizers(keras.optimizers.get(optimizer), learning_rates, self._mixed_float16())
+
+    def _mixed_float16(self):
+        """Whether the models compute in float16: their optimizers then scale the loss."""
+        return self.models[0].dtype_policy.name == "mixed_float16"
 
     # Data.
 
@@ -723,61 +568,18 @@ class GraftTrainer:
         return iter(self.strategy.distribute_datasets_from_function(input_fn))
 
     def _eval_dataset(self, data, batch_size, what):
-        """(distributed batched dataset, batched label spec); several workers split it by examples."""
+        """The distributed batched dataset; several workers split it by examples."""
         dataset = self._as_dataset(data, what)
         if not self._batched(dataset.element_spec, what):
             dataset = dataset.batch(batch_size or 32)
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-        y_spec = dataset.element_spec[1]
-        return self.strategy.experimental_distribute_dataset(dataset.with_options(options)), y_spec
+        return self.strategy.experimental_distribute_dataset(dataset.with_options(options))
 
     # Compiled steps.
 
-    def _ensure_metrics(self, y_spec):
-        if self._trackers is not None:
-            return
-        output_shape = tuple(self.models[0].outputs[0].shape)
-        with self.strategy.scope():
-            terms = ("task_loss", "distill_loss") if self.distillation is not None else ()
-            self._trackers = [_ModelMetrics(self.metric_specs, y_spec, output_shape, terms) for _ in self.models]
-            self._ensemble_tracker = _ModelMetrics(self.metric_specs, y_spec, output_shape)
-
-    def _regularization(self, model):
-        return tf.add_n(model.losses) / _replicas() if model.losses else 0.0
-
     def _replica_train_step(self, batches):
-        if self.distillation is not None:
-            return self._replica_distillation_step(batches)
-        for model, optimizer, tracker, (x, y) in zip(self.models, self.optimizers, self._trackers, batches):
-            with tf.GradientTape() as tape:
-                y_pred = model(x, training=True)
-                loss = self.loss(y, y_pred) + self._regularization(model)
-            gradients = tape.gradient(loss, model.trainable_variables)
-            optimizer.apply_gradients(zip(gradients, model.trainable_variables))
-            tracker.update(loss, y, y_pred)
-
-    def _replica_distillation_step(self, batches):
-        """All students in one tape: task loss + distillation loss (teachers and/or the other students)."""
-        distillation = self.distillation
-        with tf.GradientTape() as tape:
-            predictions = [model(x, training=True) for model, (x, _) in zip(self.models, batches)]
-            if self.data_order == "shared":
-                distill = distillation.losses(predictions, distillation.teacher_probabilities(batches[0][0]))
-            else:
-                distill = [distillation.losses([y_pred], distillation.teacher_probabilities(x))[0]
-                           for y_pred, (x, _) in zip(predictions, batches)]
-            task = [self.loss(y, y_pred) for y_pred, (_, y) in zip(predictions, batches)]
-            totals = [t + d + self._regularization(m) for t, d, m in zip(task, distill, self.models)]
-            # The other students' predictions are held constant, so d(sum)/d(model k) = d(loss k)/d(model k).
-            total = tf.add_n(totals)
-        variables = [model.trainable_variables for model in self.models]
-        gradients = tape.gradient(total, variables)
-        for optimizer, grads, model_variables in zip(self.optimizers, gradients, variables):
-            optimizer.apply_gradients(zip(grads, model_variables))
-        for tracker, loss, t, d, y_pred, (_, y) in zip(self._trackers, totals, task, distill, predictions, batches):
-            tracker.update(loss, y, y_pred)
-            tracker.update_terms(tf.shape(y_pred)[0], task_loss=t, distill_loss=d)
+        self._step.train([(x, y, None) for x, y in batches], shared=self.data_order == "shared")
 
     def _train_logs(self):
         """Running per-model results and their mean over models (NaN when a model's loss is NaN)."""
@@ -797,20 +599,7 @@ class GraftTrainer:
         return train_function
 
     def _replica_test_step(self, data):
-        x, y = data
-        predictions = [model(x, training=False) for model in self.models]
-        distill = [0.0] * len(self.models)
-        if self.distillation is not None:
-            distill = self.distillation.losses(predictions, self.distillation.teacher_probabilities(x))
-        probabilities = []
-        for model, tracker, y_pred, d in zip(self.models, self._trackers, predictions, distill):
-            task = self.loss(y, y_pred)
-            tracker.update(task + d + self._regularization(model), y, y_pred)
-            if self.distillation is not None:
-                tracker.update_terms(tf.shape(y_pred)[0], task_loss=task, distill_loss=d)
-            probabilities.append(self.ensemble.probabilities(y_pred))
-        ensemble = _healthy_mean(probabilities, self._healthy)
-        self._ensemble_tracker.update(self._ensemble_loss(y, ensemble), y, ensemble)
+        self._step.test(*data)
 
     def _make_test_function(self):
         @tf.function(reduce_retracing=True)
@@ -908,10 +697,8 @@ class GraftTrainer:
         steps = self._steps(examples, batch_size, steps_per_epoch)
         validation = None
         if validation_data is not None:
-            validation, _ = self._eval_dataset(validation_data, validation_batch_size or batch_size,
+            validation = self._eval_dataset(validation_data, validation_batch_size or batch_size,
                                                "validation_data")
-        y_spec = pipelines(0, tf.distribute.InputContext(), 0).element_spec[1]
-        self._ensure_metrics(y_spec)
         if self._schedule is not None and steps is None:
             raise ValueError("lr_schedule needs the number of steps per epoch: pass steps_per_epoch.")
         self._steps_per_epoch.assign(steps or 1)
@@ -1006,22 +793,15 @@ class GraftTrainer:
         return healthy
 
     def _idle_graft_logs(self):
-        """Graft logs of an epoch that no round opened (none without grafting): the keys of a round, neutral."""
-        if self._ring is None:
-            return {}
-        idle = grafting_lib.idle_logs()
-        logs = {f"{key}_{k}": value for k in range(self.num_models) for key, value in idle.items()}
-        return {**logs, **idle}
+        """Graft logs of an epoch that no round opened (none without grafting)."""
+        return {} if self._ring is None else callbacks_lib.idle_ring_logs(self.num_models)
 
     def _graft(self, finished_epoch):
         """The round after (0-based) ``finished_epoch``, when one is due; returns its logs."""
         if self._ring is None or not self.grafting.round_due(finished_epoch):
             return self._idle_graft_logs()
         with self.strategy.scope():
-            results = self._ring(self._healthy.numpy().tolist())
-        logs = callbacks_lib.merge_logs(results)
-        for k, result in enumerate(results):
-            logs.update({f"{key}_{k}": value for key, value in result.logs().items()})
+            logs = callbacks_lib.ring_logs(self._ring(self._healthy.numpy().tolist()))
         if self.grafting.verbose:
             io_utils.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch {finished_epoch + 1} "
                                f"(means over the models, layers summed): {callbacks_lib.round_summary(logs)}")
@@ -1050,9 +830,7 @@ class GraftTrainer:
 
         ``data`` as ``validation_data`` in :meth:`fit`. The ensemble averages the models' probabilities.
         """
-        distributed, y_spec = self._eval_dataset(data, batch_size, "evaluate data")
-        self._ensure_metrics(y_spec)
-        return self._evaluate(distributed)
+        return self._evaluate(self._eval_dataset(data, batch_size, "evaluate data"))
 
     def predict(self, x, ensemble=True, batch_size=32):
         """Predictions for ``x`` (arrays, or a dataset of x or of (x, y), batched or not).
@@ -1076,4 +854,4 @@ class GraftTrainer:
         if not ensemble:
             return outputs
         probabilities = [keras.ops.convert_to_numpy(self.ensemble.probabilities(o)) for o in outputs]
-        return keras.ops.convert_to_numpy(_healthy_mean(probabilities, self._healthy.numpy()))
+        return keras.ops.convert_to_numpy(steps_lib.healthy_mean(probabilities, self._healthy.numpy()))

@@ -5,6 +5,7 @@ import csv
 import io
 import math
 import os
+from unittest import mock
 
 import keras
 import numpy as np
@@ -13,6 +14,7 @@ from absl import logging
 
 import keras_graft
 from keras_graft import criteria
+from keras_graft import peers as peers_lib
 
 from test_criteria import np_entropy
 from test_grafting import np_alpha, small_net
@@ -227,6 +229,25 @@ class GraftingCallbackTest(tf.test.TestCase):
         self.assertEqual(config["criterion"], {"class_name": "L1Norm", "config": {}})
         self.assertEqual((config["a"], config["c"], config["level"], config["every_n_epochs"], config["layers"]),
                          (0.3, 100.0, "filter", 3, ["conv1"]))
+
+    def test_static_peer_is_named_in_a_warning(self):
+        model, peer = compiled(small_net(1)), small_net(2, name="donor_net")
+        with self.assertLogs(level="WARNING") as logs:
+            model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=[keras_graft.Grafting(peer)])
+        static = [line for line in logs.output if "donor_net" in line]
+        self.assertLen(static, 1)  # once, at the first round
+        self.assertIn("it is not training", static[0])
+        self.assertIn("warn_static=False", static[0])
+
+    def test_training_peer_or_warn_static_false_is_silent(self):
+        model, peer = compiled(small_net(1)), small_net(2)
+        train_peer = keras.callbacks.LambdaCallback(  # as if something trained the peer every epoch
+            on_epoch_end=lambda epoch, logs: peer.get_layer("head").bias.assign_add(np.full((3,), 1e-3, np.float32)))
+        for callbacks in ([keras_graft.Grafting(peer), train_peer], [keras_graft.Grafting(peer, warn_static=False)]):
+            with mock.patch.object(peers_lib.logging, "warning") as warning:
+                model.fit(*data(), batch_size=8, epochs=3, verbose=0, callbacks=callbacks)
+            self.assertFalse([c for c in warning.call_args_list if "not training" in c.args[0]])
+        self.assertFalse(keras_graft.Grafting(peer, warn_static=False).get_config()["warn_static"])
 
     def test_nan_peer_is_counted_in_logs(self):
         model, peer = compiled(small_net(1)), small_net(2)
