@@ -15,6 +15,7 @@ In ``fit`` all peers see the same batches: their diversity comes from their init
 import keras
 import tensorflow as tf
 
+from keras_graft import checks
 from keras_graft import schedules as schedules_lib
 from keras_graft import steps as steps_lib
 
@@ -85,12 +86,10 @@ class PeerEnsemble(keras.Model):
         super().__init__(**kwargs)
         if output_activation not in _ACTIVATIONS:
             raise ValueError(f"output_activation must be one of {list(_ACTIVATIONS)}, got {output_activation!r}.")
+        if not isinstance(peers, (list, tuple)) or not peers or not all(isinstance(p, keras.Model) for p in peers):
+            raise TypeError(f"PeerEnsemble: peers must be a non-empty list of Keras models, got "
+                            f"{checks.shown(peers)}.")
         peers = list(peers)
-        if not peers:
-            raise ValueError("PeerEnsemble needs at least one peer model.")
-        for k, peer in enumerate(peers):
-            if not isinstance(peer, keras.Model):
-                raise TypeError(f"Peers must be Keras models; peer {k} is a {type(peer).__name__}.")
         self.peers = peers
         self._activation_setting = output_activation
         self.output_activation = None if output_activation == "auto" else output_activation

@@ -43,6 +43,16 @@ DATA_ORDERS = ("per_model", "shared")
 _DEFAULT_SHUFFLE_BUFFER = 10_000
 
 
+def _seed_states(model):
+    """The states of a model's random seed generators (Dropout, ...): its variables that are not weights."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _spec(variable):
+    return [list(variable.shape), str(variable.dtype)]
+
+
 class _Backup:
     """Checkpoints of all models, optimizer states, seed generators, the epoch and the data seed in ``directory``.
 
@@ -371,7 +381,6 @@ class GraftTrainer:
                                              data_seed=self._data_seed, healthy_models=self._healthy,
                                              seed_generators=[_seed_states(m) for m in self.models])
             self._backup = _Backup(str(backup_dir), checkpoint, self.strategy, self._signature())
-        self._trackers = None
         self._train_function = None
         self._test_function = None
         self._predict_function = None
