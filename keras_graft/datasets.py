@@ -37,6 +37,7 @@ whose message says what to install or download.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import gzip
@@ -450,15 +451,26 @@ def _tfds_missing_error(name: str, data_dir: Optional[str]) -> DatasetUnavailabl
                                    lambda option, download: _tfds_missing_message(name, data_dir, option, download))
 
 
-def _tfds_prepared(name: str, data_dir: Optional[str]) -> bool:
-    """Whether tensorflow-datasets has prepared ``name`` in ``data_dir`` (a version folder with its
-    dataset_info.json), checked without importing tensorflow-datasets (whose check warns about missing folders)."""
-    root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.join(os.path.expanduser("~"), "tensorflow_datasets")
-    base = f"{os.fspath(root).rstrip('/')}/{_INFOS[name].tfds_name}"
+class _TfdsFolderWarnings(logging.Filter):
+    """Drops tensorflow-datasets' warnings about dataset folders it looks into and finds unprepared ("Variant
+    folder ... has no dataset_info.json"): when local files stand in for the dataset they are noise."""
+
+    def filter(self, record):
+        return not record.getMessage().startswith("Variant folder ")
+
+
+@contextlib.contextmanager
+def _quiet_tfds_folder_warnings(quiet):
+    if not quiet:
+        yield
+        return
+    absl_logger = logging.getLogger("absl")
+    folder_filter = _TfdsFolderWarnings()
+    absl_logger.addFilter(folder_filter)
     try:
-        return any(tf.io.gfile.glob(f"{base}/{pattern}/dataset_info.json") for pattern in ("*", "*/*"))
-    except tf.errors.OpError:
-        return False
+        yield
+    finally:
+        absl_logger.removeFilter(folder_filter)
 
 
 def _tfds_stream(name: str, split: str, data_dir: Optional[str], download: bool) -> tf.data.Dataset:
@@ -474,6 +486,10 @@ def _tfds_stream(name: str, split: str, data_dir: Optional[str], download: bool)
         )
     except AssertionError as e:  # tfds' "could not find data in ..." when download=False
         if "could not find data" not in str(e):
+            raise
+        raise _tfds_missing_error(name, data_dir) from e
+    except KeyError as e:  # an empty version folder: "splits is empty ... not been generated yet"
+        if "not been generated" not in str(e):
             raise
         raise _tfds_missing_error(name, data_dir) from e
 
@@ -522,17 +538,22 @@ def _make_source(name, split, data_dir, subset, cache, download) -> _Source:
     if name == "fashion_mnist_local":
         x, y = _read_local(_fashion_mnist_dir(data_dir), split)
         return _to_source(x, y, subset)
-    if name == "fashion_mnist" and not download and not _tfds_prepared(name, data_dir):
-        # The local IDX files are the same data: read them without asking tensorflow-datasets, which would warn
-        # about its missing folder first.
+    local_folder = None
+    if name == "fashion_mnist":
         try:
-            folder = _fashion_mnist_dir(None)
+            local_folder = _fashion_mnist_dir(None)
         except DatasetUnavailableError:
-            raise _tfds_missing_error(name, data_dir) from None
-        _log.info("fashion_mnist: tensorflow-datasets data not prepared; reading the IDX files in %s", folder)
-        x, y = _read_local(folder, split)
+            pass
+    try:
+        # With local IDX files to fall back on, tfds' warnings about its missing folders are noise.
+        with _quiet_tfds_folder_warnings(local_folder is not None):
+            stream = _tfds_stream(name, split, data_dir, download)
+    except DatasetUnavailableError:
+        if local_folder is None:
+            raise
+        _log.info("fashion_mnist: tensorflow-datasets data not prepared; reading the IDX files in %s", local_folder)
+        x, y = _read_local(local_folder, split)
         return _to_source(x, y, subset)
-    stream = _tfds_stream(name, split, data_dir, download)
     if subset is not None:
         stream = stream.take(subset)
     if name == "imagenet2012":

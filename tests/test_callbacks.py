@@ -22,14 +22,15 @@ from test_grafting import np_alpha, small_net
 
 def printed(function):
     """(result, stdout lines) of ``function()`` with absl logging at WARNING: printing must not need logging."""
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity(logging.WARNING)
+    absl_logger = logging.get_absl_logger()
+    level = absl_logger.level  # NOTSET (inherit) unless set: restore exactly that
+    absl_logger.setLevel("WARNING")
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output):
             result = function()
     finally:
-        logging.set_verbosity(verbosity)
+        absl_logger.setLevel(level)
     return result, output.getvalue().splitlines()
 
 

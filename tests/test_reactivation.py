@@ -160,8 +160,9 @@ class ScoreTest(tf.test.TestCase, parameterized.TestCase):
 class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_verbose_prints_one_line_per_event(self):
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity(logging.WARNING)  # printing must not need absl logging at INFO
+        absl_logger = logging.get_absl_logger()
+        level = absl_logger.level  # NOTSET (inherit) unless set: restore exactly that
+        absl_logger.setLevel("WARNING")  # printing must not need absl logging at INFO
         try:
             lines = {}
             for verbose in (0, 1):
@@ -172,7 +173,7 @@ class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
                               callbacks=[RePr(s1=1, s2=1, prune_ratio=0.25, cycles=1, verbose=verbose)])
                 lines[verbose] = [line for line in output.getvalue().splitlines() if "RePr" in line]
         finally:
-            logging.set_verbosity(verbosity)
+            absl_logger.setLevel(level)
         self.assertEqual(lines[0], [])
         self.assertLen(lines[1], 2)
         self.assertRegex(lines[1][0], r"^RePr '.*' cycle 1: dropped 4 filters after 1 epochs \{")

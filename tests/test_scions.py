@@ -114,8 +114,10 @@ class NoiseScionTest(tf.test.TestCase):
         result = scions.NoiseScion(seed=0).apply(model, 1)
         self.assertEqual(result.layer_names, ["conv", "depthwise", "transpose", "separable"])
         self.assertAllEqual(result.grafted_per_layer, [3, 10, 2, 1])
-        self.assertEqual(result.logs(), {"graft_alpha": 1.0, "graft_layers": 4, "graft_skipped_layers": 0,
-                                         "scion_filters": 16})
+        # No peer: spread and peer distance keep their neutral values.
+        self.assertEqual(result.logs(), {"graft_alpha": 1.0, "graft_alpha_spread": 0.0, "graft_peer_distance": 0.0,
+                                         "graft_layers": 4, "graft_skipped_layers": 0, "scion_filters": 16})
+        self.assertEqual(sorted(scions.NoiseScion(seed=0).idle_logs()), sorted(result.logs()))
         for layer, attribute, axes in KERNELS:
             invalid = invalid_mask(before[layer], axes)
             old = np_columns(before[layer], axes)

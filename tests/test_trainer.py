@@ -227,8 +227,9 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_verbose_grafting_prints_one_line_per_round(self):
         x, y = tiny_data(16)
-        absl_verbosity = logging.get_verbosity()
-        logging.set_verbosity(logging.WARNING)  # printing must not depend on logging being configured
+        absl_logger = logging.get_absl_logger()
+        level = absl_logger.level  # NOTSET (inherit) unless set: restore exactly that
+        absl_logger.setLevel("WARNING")  # printing must not depend on logging being configured
         try:
             printed = {}
             for verbose in (0, 1):
@@ -238,7 +239,7 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
                     trainer.fit((x, y), epochs=3, batch_size=8, verbose=0)
                 printed[verbose] = [line for line in output.getvalue().splitlines() if "Grafting" in line]
         finally:
-            logging.set_verbosity(absl_verbosity)
+            absl_logger.setLevel(level)
         self.assertEqual(printed[0], [])
         self.assertLen(printed[1], 2)  # rounds after epochs 1 and 2; none after the final epoch
         self.assertRegex(printed[1][0], r"^Grafting 2 models in a ring, round after epoch 1 \(means over the models, "
