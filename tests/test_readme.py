@@ -9,7 +9,6 @@ import os
 import re
 from unittest import mock
 
-import keras
 import numpy as np
 import tensorflow as tf
 
