@@ -5,6 +5,7 @@ import math
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 from keras.src.utils import io_utils
 
 from keras_graft import checks

@@ -179,7 +179,7 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
         self.assertLess(max_difference(*weights), 1e-5)
 
     def test_bad_input(self):
-        with self.assertRaisesRegex(ValueError, "at least one peer"):
+        with self.assertRaisesRegex(TypeError, "non-empty list of Keras models"):
             keras_graft.PeerEnsemble([])
         with self.assertRaisesRegex(TypeError, "Keras models"):
             keras_graft.PeerEnsemble(["model"])
