@@ -513,7 +513,8 @@ def apply_smoke():
     for flag, path in (("summary", "/tmp/keras_graft_accuracy_smoke_summary.json"),
                        ("report_md", "/tmp/keras_graft_accuracy_smoke.md"),
                        ("report_png", "/tmp/keras_graft_accuracy_smoke.png"),
-                       ("teacher_dir", "/tmp/keras_graft_accuracy_smoke_teachers")):
+                       ("teacher_dir", "/tmp/keras_graft_accuracy_smoke_teachers"),
+                       ("repr_output", "/tmp/keras_graft_accuracy_smoke_repr.jsonl")):
         if not FLAGS[flag].present:
             FLAGS[flag].value = path
     if not FLAGS["backup_root"].present:

@@ -176,9 +176,9 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         weights = [self.baseline["weights"][0], *self.graft["weights"]]
         result = _script("plot_filters.py", f"--weights={','.join(weights)}", f"--output={png}")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertIn("baseline: resnet8_w2, 30 filters", result.stdout)
-        self.assertIn("graft schedule=cosine model 0: resnet8_w2", result.stdout)
-        self.assertIn("graft schedule=cosine model 1: resnet8_w2", result.stdout)
+        self.assertIn("baseline epochs=1: resnet8_w2, 30 filters", result.stdout)
+        self.assertIn("graft epochs=2 schedule=cosine model 0: resnet8_w2", result.stdout)
+        self.assertIn("graft epochs=2 schedule=cosine model 1: resnet8_w2", result.stdout)
 
     def test_plot_filters_with_model_flags_and_logs(self):
         png = os.path.join(self.dir, "filters_flags.png")
@@ -198,7 +198,7 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
     """Bad or contradictory settings fail with a message before any training."""
 
     @parameterized.named_parameters(
-        ("unknown_model", dict(model="resnet_big"), "Unknown --model='resnet_big'; available: mobilenetv2, resnet110"),
+        ("unknown_model", dict(model="resnet_big"), "Unknown --model='resnet_big'; available: convnet3, mobilenetv2, resnet110"),
         ("unknown_dataset", dict(dataset="mnist"), "Unknown --dataset='mnist'; valid datasets: cifar10, cifar100"),
         ("resnet_depth", dict(model="resnet21"), "Unsupported CIFAR ResNet depth 21: the depth must be 6n \\+ 2"),
         ("depth_flag", dict(model="resnet20", depth=10), "Unsupported CIFAR ResNet depth 10"),
@@ -346,7 +346,7 @@ class RunIdentityTest(tf.test.TestCase):
     def test_output_folder_is_named_after_every_setting_that_changes_the_run(self):
         self.assertEqual(_common.resolve(_common.Config(method="graft")).output,
                          os.path.join("runs", "graft_resnet32_cifar10", "results.json"))
-        variations = [dict(), dict(width=8), dict(depth=20), dict(epochs=2), dict(graft_every=3), dict(lr_spread=True),
+        variations = [dict(), dict(width=8), dict(depth=20), dict(epochs=2), dict(graft_every=3), dict(lr_spread=False),
                       dict(seed=1), dict(lr=0.05), dict(a=0.3), dict(level="filter"), dict(train_subset=1000),
                       dict(test_subset=500), dict(val_subset=200), dict(validate=False), dict(strategy="mirrored"),
                       dict(num_models=3), dict(schedule="cosine"), dict(source="noise", num_models=1),
@@ -441,13 +441,13 @@ class RunIdentityTest(tf.test.TestCase):
 
     def test_run_labels_tell_runs_apart_by_configuration(self):
         runs = [_common.resolve(_common.Config(**s)) for s in (dict(method="baseline"),
-                                                               dict(method="graft", lr_spread=True),
+                                                               dict(method="graft", lr_spread=False),
                                                                dict(method="graft", graft_every=3),
                                                                dict(method="graft", width=8))]
-        self.assertEqual(_common.run_labels(runs), ["baseline resnet32", "graft resnet32 lr_spread",
+        self.assertEqual(_common.run_labels(runs), ["baseline resnet32", "graft resnet32 no_lr_spread",
                                                     "graft resnet32 graft_every=3", "graft resnet32_w8"])
         self.assertEqual(_common.run_labels([runs[0].to_dict(), runs[1].to_dict()]), ["baseline",
-                                                                                      "graft lr_spread"])
+                                                                                      "graft"])
 
     def test_epoch_line_headline_is_spread_and_distance(self):
         lines = []
