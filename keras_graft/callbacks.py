@@ -120,6 +120,11 @@ class Grafting(keras.callbacks.Callback):
             "verbose": self.verbose,
         }
 
+    @classmethod
+    def from_config(cls, config):
+        """A Grafting callback with these settings (peers and the grafted model are not part of the config)."""
+        return cls(**config)
+
     def _target(self):
         return self.target if self.target is not None else self.model
 
@@ -301,6 +306,10 @@ class FilterStats(keras.callbacks.Callback):
     def get_config(self):
         return {"thresholds": list(self.thresholds), "bins": self.entropy.bins, "include_dense": self.include_dense,
                 "verbose": self.verbose}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
 
     def _layers(self, model):
         layers = layouts.filter_layers(model, include_dense=self.include_dense)

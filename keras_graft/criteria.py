@@ -168,6 +168,7 @@ class Criterion:
         return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
 
 
+@keras.saving.register_keras_serializable(package="keras_graft")
 class Entropy(Criterion):
     """Histogram entropy with ``bins`` equal-width bins (see :func:`entropy`)."""
 
@@ -186,6 +187,7 @@ class Entropy(Criterion):
         return {"bins": self.bins}
 
 
+@keras.saving.register_keras_serializable(package="keras_graft")
 class L1Norm(Criterion):
     """L1 norm: per filter sum |w|; per layer the mean of the filters' L1 norms."""
 
@@ -196,6 +198,7 @@ class L1Norm(Criterion):
         return norms if per_filter else tf.reduce_mean(norms)
 
 
+@keras.saving.register_keras_serializable(package="keras_graft")
 class BNScale(Criterion):
     """|gamma| of the normalisation layer that follows a filter (filter-level grafting's criterion)."""
 
@@ -207,6 +210,7 @@ class BNScale(Criterion):
         return scale if per_filter else tf.reduce_mean(scale)
 
 
+@keras.saving.register_keras_serializable(package="keras_graft")
 class Orthogonality(Criterion):
     """RePr's overlap score per filter (see :func:`orthogonality`); per layer its mean. Lower is better."""
 

@@ -97,6 +97,11 @@ class Distillation:
             "from_logits": self.from_logits,
         }
 
+    @classmethod
+    def from_config(cls, config):
+        """Inverse of ``get_config`` for teachers given as ``.keras`` paths (in-memory teachers are saved by name)."""
+        return cls(**config)
+
     def build(self, students):
         """Loads and freezes the teachers (call in the strategy's scope) and checks them against the students."""
         if self.mutual and len(students) < 2:

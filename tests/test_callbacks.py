@@ -230,6 +230,11 @@ class GraftingCallbackTest(tf.test.TestCase):
         self.assertEqual(config["criterion"], {"class_name": "L1Norm", "config": {}})
         self.assertEqual((config["a"], config["c"], config["level"], config["every_n_epochs"], config["layers"]),
                          (0.3, 100.0, "filter", 3, ["conv1"]))
+        clone = keras_graft.Grafting.from_config(config)
+        self.assertEqual(clone.get_config(), config)
+        self.assertIsInstance(clone.criterion, criteria.L1Norm)
+        stats = keras_graft.FilterStats(thresholds=[0.1, 0.01], bins=7, include_dense=True)
+        self.assertEqual(keras_graft.FilterStats.from_config(stats.get_config()).get_config(), stats.get_config())
 
     def test_static_peer_is_named_in_a_warning(self):
         model, peer = compiled(small_net(1)), small_net(2, name="donor_net")

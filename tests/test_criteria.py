@@ -138,6 +138,15 @@ class IdentifierTest(tf.test.TestCase):
             criteria.get(3)
 
 
+class KerasSerializationTest(tf.test.TestCase):
+
+    def test_criteria_round_trip_through_keras_serialization(self):
+        for criterion in (criteria.Entropy(bins=7), criteria.L1Norm(), criteria.BNScale(), criteria.Orthogonality()):
+            config = keras.saving.serialize_keras_object(criterion)
+            self.assertEqual(config["registered_name"], f"keras_graft>{type(criterion).__name__}")
+            self.assertEqual(keras.saving.deserialize_keras_object(config), criterion)
+
+
 class InvalidFiltersTest(tf.test.TestCase):
 
     def test_counts_and_table(self):

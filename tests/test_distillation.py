@@ -73,6 +73,16 @@ class LossTest(tf.test.TestCase):
         self.assertFalse(teacher.trainable)
 
 
+class ConfigTest(tf.test.TestCase):
+
+    def test_config_round_trip_with_teacher_paths(self):
+        path = os.path.join(self.get_temp_dir(), "teacher.keras")
+        classifier(1).save(path)
+        distillation = Distillation([path], temperature=3.0, weight=0.5)
+        clone = Distillation.from_config(distillation.get_config())
+        self.assertEqual(clone.get_config(), distillation.get_config())
+
+
 class KerasDistillerTest(tf.test.TestCase):
 
     def test_grafting_the_student_of_a_keras_distiller(self):
