@@ -1,16 +1,8 @@
-"""Test setup: split the CPU into two logical devices so MirroredStrategy runs two replicas."""
-import os
+"""Test setup: testing_utils splits the CPU into two logical devices so MirroredStrategy runs two replicas; the
+inherited test_session stubs of tf.test.TestCase are deselected."""
+import tensorflow as tf
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
-
-import tensorflow as tf  # noqa: E402
-
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-)
-
+import testing_utils  # noqa: F401  (splits the CPU before any test runs)
 
 def _is_test_session_stub(item):
     """Whether a collected item is tf.test.TestCase's inherited ``test_session`` (a deprecated context manager

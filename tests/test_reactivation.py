@@ -733,3 +733,7 @@ class ConfigTest(tf.test.TestCase):
         config = repr_callback.get_config()
         self.assertEqual(config["criterion"], {"class_name": "L1Norm", "config": {}})
         self.assertEqual(RePr.from_config(config).get_config(), config)
+
+
+if __name__ == "__main__":
+    tf.test.main()

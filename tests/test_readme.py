@@ -76,3 +76,7 @@ class ReadmeTest(tf.test.TestCase):
         self.assertGreater(namespace["history"].history["graft_layers"][1], 0)  # the last fit (GraftTrainer) grafted
         rounds = sorted(name for name in os.listdir(shared) if name.startswith("round-"))
         self.assertEqual(rounds, ["round-000000-rank-0.weights.npz", "round-000000-rank-1.weights.npz"])
+
+
+if __name__ == "__main__":
+    tf.test.main()

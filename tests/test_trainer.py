@@ -694,3 +694,7 @@ class StrategiesTest(tf.test.TestCase):
         self.assertFalse(strategies.is_multi_worker(mirrored))
         with self.assertRaisesRegex(ValueError, "Unknown strategy"):
             strategies.get("tpu")
+
+
+if __name__ == "__main__":
+    tf.test.main()

@@ -57,3 +57,7 @@ class MultiWorkerTest(tf.test.TestCase):
         # The chief wrote the backup; the other worker deleted its temporary copy.
         self.assertIsNotNone(tf.train.latest_checkpoint(backup))
         self.assertEmpty([name for name in os.listdir(scratch) if name.startswith("graft_worker_backup_")])
+
+
+if __name__ == "__main__":
+    tf.test.main()

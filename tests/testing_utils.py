@@ -1,8 +1,24 @@
-"""Shared test helpers."""
+"""Shared test helpers. Importing this module splits the CPU into two logical devices (before TensorFlow starts),
+so that MirroredStrategy runs two replicas whether the tests run under pytest or a file runs on its own
+(``python tests/test_scions.py``, through ``tf.test.main()``)."""
 
 import functools
+import os
 
-import tensorflow as tf
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_DETERMINISTIC_OPS", "1")
+
+import tensorflow as tf  # noqa: E402
+
+
+def _split_cpu():
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    if tf.config.get_logical_device_configuration(cpu) is None:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+
+
+_split_cpu()
 
 
 @functools.lru_cache(maxsize=None)
