@@ -21,7 +21,6 @@ from absl import flags
 from absl import logging
 
 import keras
-import numpy as np
 
 import keras_graft
 from keras_graft import datasets

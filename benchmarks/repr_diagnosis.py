@@ -21,7 +21,6 @@ Variants:
 """
 
 import json
-import os
 import time
 
 from absl import app
