@@ -26,13 +26,15 @@ Methods:
 * ``graft2_shared_init``  as ``graft2`` with both peers starting from model 0's initialisation (ours: the first graft
   then mixes two related networks instead of averaging two random ones);
 * ``ensemble2``           2 independent models (the baseline's protocol each); their ensemble is reported too;
-* ``teacher``             a wider network (``--teacher_model``) trained with the baseline's protocol; frozen teacher of:
-* ``kd``                  one model + distillation from the seed's teacher (temperature 2, weight 1);
+* ``teacher``             a wider network (``--teacher_model``, seed ``--teacher_seed``) trained with the baseline's
+  protocol; the one frozen teacher of every seed of:
+* ``kd``                  one model + distillation from the teacher (temperature 2, weight 1);
 * ``cultivate``           ``graft2`` + distillation from the same teacher (cultivation).
 
 Resumable and restartable: a finished run is one JSON line in ``--output`` (skipped when rerun); a running run
 checkpoints every epoch under ``--backup_root`` (GraftTrainer's ``backup_dir``) with its per-epoch rows beside it, so
-a killed study rerun with the same command continues inside the interrupted run.
+a killed study rerun with the same command continues inside the interrupted run. ``--runs`` gives two processes
+explicit queues (a student waits for a teacher that the other process is training).
 """
 
 import json
@@ -74,9 +76,14 @@ flags.DEFINE_integer("batch_size", 32, "Batch per model.")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay of the models.")
 flags.DEFINE_integer("steps_per_execution", 50, "Training steps per compiled call (the same numerics as 1).")
+flags.DEFINE_integer("teacher_seed", 0, "Seed of the one teacher that every kd and cultivate seed distils from.")
+flags.DEFINE_list("runs", [], "Explicit queue of method:seed (for example teacher:0,kd:0), run in this order instead "
+                  "of the plan and its shards.")
+flags.DEFINE_integer("teacher_wait_s", 0, "How long a student waits for a teacher that another process trains.")
 flags.DEFINE_integer("shards", 1, "Split the plan into this many shards, one process each.")
 flags.DEFINE_integer("shard", 0, "The shard this process runs (0-based).")
-flags.DEFINE_string("teacher_dir", os.path.join(_RESULTS, "teachers"), "Teachers (.keras), gitignored.")
+flags.DEFINE_string("teacher_dir", os.path.join(_RESULTS, "teachers"), "Teachers (.keras), committed with the "
+                    "results.")
 flags.DEFINE_string("output", os.path.join(_RESULTS, "accuracy_runs.jsonl"), "JSON lines, appended.")
 flags.DEFINE_string("backup_root", "/work/keras_graft_study_backup", "Per-run checkpoints; '' disables.")
 flags.DEFINE_bool("smoke", False, "Every method once on a tiny config (512 images, 2 epochs, 1 seed), written to a "
@@ -135,7 +142,8 @@ def build_fn(name):
                                        weight_decay=FLAGS.weight_decay)
 
 
-def teacher_path(seed):
+def teacher_path(seed=None):
+    seed = FLAGS.teacher_seed if seed is None else seed
     return os.path.join(FLAGS.teacher_dir, f"{config_key()}_teacher_{FLAGS.teacher_model}_seed{seed}.keras")
 
 
@@ -193,9 +201,9 @@ def run(method, seed, label):
     record = {"method": method, "seed": int(seed), "num_models": num_models, "config": config(),
               "config_key": config_key()}
     if method in DISTILLED:
-        kwargs = dict(kwargs, distillation=keras_graft.Distillation(teachers=[teacher_path(seed)], temperature=2.0,
+        kwargs = dict(kwargs, distillation=keras_graft.Distillation(teachers=[teacher_path()], temperature=2.0,
                                                                     weight=1.0))
-        record["teacher_path"] = os.path.relpath(teacher_path(seed), _HERE)
+        record["teacher_path"] = os.path.relpath(teacher_path(), _HERE)
     backup_dir = os.path.join(FLAGS.backup_root, f"{config_key()}_{method}_seed{seed}") if FLAGS.backup_root else None
     if backup_dir:
         os.makedirs(backup_dir, exist_ok=True)
@@ -254,16 +262,19 @@ def load_records(path):
 
 
 def plan():
-    """Units of work in priority order (the 5-seed pair first); a teacher and its students form one unit."""
+    """Units of work in priority order (the 5-seed pair first); the teacher and its students form one unit."""
+    if FLAGS.runs:
+        return [[(m, int(s)) for m, s in (run.split(":") for run in FLAGS.runs)]]
     methods = [m for m in METHODS if m in FLAGS.methods]
     more = [m for m in methods if m in FLAGS.more_seed_methods]
     seeds = [int(s) for s in FLAGS.seeds]
     units = [[(m, s)] for s in seeds + [int(x) for x in FLAGS.more_seeds] for m in more]
     for s in seeds:
         units += [[(m, s)] for m in methods if m not in more and m not in DISTILLED + ("teacher",)]
-        distilled = [(m, s) for m in ("teacher",) + DISTILLED if m in methods]
-        if distilled:
-            units.append(distilled)
+    distilled = [("teacher", FLAGS.teacher_seed)] if "teacher" in methods else []
+    distilled += [(m, s) for s in seeds for m in DISTILLED if m in methods]
+    if distilled:
+        units.append(distilled)
     return units
 
 
@@ -286,15 +297,21 @@ def study():
         raise app.UsageError(f"--shard must lie in [0, {FLAGS.shards}), got {FLAGS.shard}.")
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     key = config_key()
-    todo = [(m, s) for unit in shard_of(plan()) for m, s in unit]
+    bad = [run for run in FLAGS.runs if run.count(":") != 1 or run.split(":")[0] not in METHODS]
+    if bad:
+        raise app.UsageError(f"--runs takes method:seed with a method among {', '.join(METHODS)}; got {bad}.")
+    todo = [(m, s) for unit in (plan() if FLAGS.runs else shard_of(plan())) for m, s in unit]
     logging.info("Study %s, shard %d/%d: %d runs.", key, FLAGS.shard, FLAGS.shards, len(todo))
     for index, (method, seed) in enumerate(todo, 1):
         done = {(r["config_key"], r["method"], r["seed"]) for r in load_records(FLAGS.output)}
         if (key, method, seed) in done:
             continue
-        if method in DISTILLED and not os.path.exists(teacher_path(seed)):
-            raise RuntimeError(f"{method} seed {seed} needs its teacher {teacher_path(seed)}: run the teacher first "
-                               "(it comes before its students in the plan).")
+        deadline = time.time() + FLAGS.teacher_wait_s
+        while method in DISTILLED and not os.path.exists(teacher_path()) and time.time() < deadline:
+            time.sleep(30)
+        if method in DISTILLED and not os.path.exists(teacher_path()):
+            raise RuntimeError(f"{method} seed {seed} needs the teacher {teacher_path()}: run the teacher first "
+                               "(it comes before its students in the plan), or let --teacher_wait_s wait for it.")
         record = run(method, seed, f"[{index}/{len(todo)}] {method} seed {seed}")
         with open(FLAGS.output, "a") as f:
             f.write(json.dumps(record) + "\n")
