@@ -5,6 +5,7 @@ import os
 import keras
 import numpy as np
 import tensorflow as tf
+from absl.testing import parameterized
 
 import keras_graft
 from keras_graft.distillation import Distillation
@@ -108,7 +109,7 @@ def trainer_data(n=64, seed=0):
     return tf.data.Dataset.from_tensor_slices((x, (np.abs(x[:, 0]) * 2).astype(np.int32) % 4))
 
 
-class CultivationTest(tf.test.TestCase):
+class CultivationTest(tf.test.TestCase, parameterized.TestCase):
 
     def _fit(self, strategy, distillation, grafting=None, data_order="shared", seed=0):
         with strategy.scope():
@@ -125,21 +126,26 @@ class CultivationTest(tf.test.TestCase):
             self.assertAllEqual(old, now)
         return trainer, history
 
-    def test_cultivation_default_and_mirrored(self):
-        histories, weights = [], []
-        for strategy in (tf.distribute.get_strategy(), testing_utils.mirrored_strategy()):
-            trainer, history = self._fit(strategy, lambda t: Distillation([t], temperature=2.0),
-                                         grafting=keras_graft.Grafting())
-            histories.append(history.history)
-            weights.append([w.numpy() for w in trainer.models[0].weights])
-            for key in ("task_loss_0", "distill_loss_1", "val_distill_loss_0", "graft_alpha"):
-                self.assertIn(key, history.history)
-            self.assertGreater(history.history["distill_loss_0"][-1], 0.0)
-            for a, b in zip(trainer.models[0].weights, trainer.models[1].weights):  # grafted: N = 2 ends equal
-                self.assertAllClose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
-        self.assertAllClose(histories[0]["loss"], histories[1]["loss"], rtol=1e-4)
-        for a, b in zip(*weights):
-            self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
+    def _cultivate(self, strategy):
+        trainer, history = self._fit(strategy, lambda t: Distillation([t], temperature=2.0),
+                                     grafting=keras_graft.Grafting())
+        return history.history, [w.numpy() for w in trainer.models[0].weights], trainer
+
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
+    def test_cultivation(self, strategy):
+        """Cultivation under each strategy: the logs, both peers equal after the final 2-model graft, and the same
+        losses and weights as under the default strategy."""
+        history, weights, trainer = self._cultivate(testing_utils.strategy(strategy))
+        for key in ("task_loss_0", "distill_loss_1", "val_distill_loss_0", "graft_alpha"):
+            self.assertIn(key, history)
+        self.assertGreater(history["distill_loss_0"][-1], 0.0)
+        for a, b in zip(trainer.models[0].weights, trainer.models[1].weights):  # grafted: N = 2 ends equal
+            self.assertAllClose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        if strategy != "default":
+            reference_history, reference_weights, _ = self._cultivate(tf.distribute.get_strategy())
+            self.assertAllClose(reference_history["loss"], history["loss"], rtol=1e-4)
+            for a, b in zip(reference_weights, weights):
+                self.assertAllClose(a, b, rtol=1e-4, atol=1e-5)
 
     def test_loss_is_task_plus_distillation(self):
         _, history = self._fit(tf.distribute.get_strategy(), lambda t: Distillation([t], weight=0.5))

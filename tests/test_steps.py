@@ -28,9 +28,9 @@ def assert_unchanged(test, before, after):
 class AtomicStepTest(tf.test.TestCase, parameterized.TestCase):
     """A batch whose labels are out of range fails in the loss: no model, statistic or optimizer may change."""
 
-    @parameterized.named_parameters(("default", None), ("mirrored", "mirrored"))
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
     def test_peer_ensemble(self, strategy):
-        strategy = testing_utils.mirrored_strategy() if strategy else tf.distribute.get_strategy()
+        strategy = testing_utils.strategy(strategy)
         x, y = tiny_data(8)
         y[-1] = 7  # 3 classes; with two replicas only the second replica's half fails.
         with strategy.scope():
@@ -43,9 +43,9 @@ class AtomicStepTest(tf.test.TestCase, parameterized.TestCase):
         with strategy.scope():
             assert_unchanged(self, before, state(peers.peers, [*peers.peer_optimizers, peers.optimizer]))
 
-    @parameterized.named_parameters(("default", None), ("mirrored", "mirrored"))
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
     def test_graft_trainer_model_with_a_good_batch_waits_for_the_others(self, strategy):
-        strategy = testing_utils.mirrored_strategy() if strategy else None
+        strategy = testing_utils.strategy(strategy)
         x, y = tiny_data(8)
         bad = y.copy()
         bad[-1] = 7

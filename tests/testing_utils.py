@@ -29,3 +29,20 @@ def mirrored_strategy():
     needs one shares this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+# Strategies that tests are parameterised over: @parameterized.named_parameters(*testing_utils.STRATEGIES), then
+# testing_utils.strategy(name) inside the test. MultiWorkerMirrored runs in its own processes
+# (tests/test_trainer_multiworker.py).
+STRATEGIES = (("default", "default"), ("one_device", "one_device"), ("mirrored", "mirrored"))
+
+
+def strategy(name):
+    """The strategy a STRATEGIES parameter names."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/cpu:0")
+    if name == "mirrored":
+        return mirrored_strategy()
+    raise ValueError(f"Unknown strategy {name!r}; choose among {[n for n, _ in STRATEGIES]}.")
