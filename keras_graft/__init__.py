@@ -4,7 +4,7 @@ The package root imports only the core; ``keras_graft.models`` and ``keras_graft
 their own, so the core never depends on them.
 """
 
-from keras_graft import criteria, schedules, strategies
+from keras_graft import criteria, layouts, schedules, strategies
 from keras_graft.callbacks import FilterStats, Grafting
 from keras_graft.distillation import Distillation
 from keras_graft.grafting import Grafter, GraftResult, RingGrafter, adaptive_coefficient, graft

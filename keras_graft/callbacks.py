@@ -6,11 +6,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from keras.src.utils import io_utils
 
 from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import grafting
+from keras_graft import keras_internals
 from keras_graft import layouts
 from keras_graft import peers as peers_lib
 from keras_graft.ensemble import PeerEnsemble
@@ -169,9 +169,9 @@ class Grafting(keras.callbacks.Callback):
                 self._resumed = True
                 self._last_epoch = point.last_epoch
                 self._done_round = point.last_epoch if point.round_done else None
-                self._initial_epoch_before = getattr(self.model, "_initial_epoch", None)
+                self._initial_epoch_before = keras_internals.initial_epoch(self.model)
                 self._set_initial_epoch = True
-                self.model._initial_epoch = point.start_epoch  # where Keras' fit starts (as BackupAndRestore sets)
+                keras_internals.set_initial_epoch(self.model, point.start_epoch)  # where Keras' fit starts
 
     def round_due(self, epoch):
         """Whether a round follows (0-based) epoch ``epoch``: after epochs n, 2n, ..."""
@@ -211,7 +211,7 @@ class Grafting(keras.callbacks.Callback):
             round_done = True
         if getattr(self, "_set_initial_epoch", False):
             self._set_initial_epoch = False
-            self.model._initial_epoch = self._initial_epoch_before  # a later fit starts where it is asked to
+            keras_internals.set_initial_epoch(self.model, self._initial_epoch_before)  # a later fit starts where asked
         if self.peers is not None:
             self.peers.finish(self._target(), last, round_done)
 
@@ -223,8 +223,8 @@ class Grafting(keras.callbacks.Callback):
         else:
             graft_logs = merge_logs(self.peers.graft_round(self.grafter(), round_index))
         if self.verbose:
-            io_utils.print_msg(f"Grafting '{self._target().name}', round after epoch {round_index + 1}: "
-                               f"{round_summary(graft_logs)}")
+            keras_internals.print_msg(f"Grafting '{self._target().name}', round after epoch {round_index + 1}: "
+                                      f"{round_summary(graft_logs)}")
         return graft_logs
 
 
@@ -375,7 +375,7 @@ class FilterStats(keras.callbacks.Callback):
         if self.verbose:
             text = ", ".join(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
                              for key, value in stats.items())
-            io_utils.print_msg(f"Epoch {epoch + 1}: FilterStats: {text}")
+            keras_internals.print_msg(f"Epoch {epoch + 1}: FilterStats: {text}")
         if logs is not None:
             logs.update(stats)
 

@@ -3,8 +3,9 @@
 A *filter* is one output unit of a layer: the values that produce one output channel. Keras keeps filters on the
 last kernel axis (Conv1D/2D/3D ``(..., in, out)``, Dense ``(in, out)``); Conv2DTranspose keeps them on the axis
 before last ``(kh, kw, out, in)``; DepthwiseConv2D ``(kh, kw, in, mult)`` has one filter per ``(in, mult)`` pair.
-Every function takes ``filter_axes`` (an int or a tuple of ints) that names those axes; :func:`kernel_layout`
-gives the right value for a layer.
+Every function takes ``filter_axes`` (an int or a tuple of ints) that names those axes;
+:func:`keras_graft.layouts.primary_kernel` gives a layer's kernel and filter axes (custom layers opt in through
+:func:`keras_graft.layouts.register`).
 
 All computations are vectorised TensorFlow ops: no Python loop over bins or filters, so they run inside a
 ``tf.function`` and on any device.
@@ -39,13 +40,9 @@ __all__ = [
 
 
 def filter_rows(kernel, filter_axes=-1):
-    """Reshapes ``kernel`` to a matrix with one row per filter: ``(num_filters, values_per_filter)``."""
-    kernel = tf.convert_to_tensor(kernel)
-    axes = layouts.normalize_axes(filter_axes, kernel.shape.rank)
-    other = [i for i in range(kernel.shape.rank) if i not in axes]
-    moved = tf.transpose(kernel, other + list(axes))
-    num_filters = int(np.prod([kernel.shape[i] for i in axes]))
-    return tf.transpose(tf.reshape(moved, [-1, num_filters]))
+    """``kernel`` as a tensor with one row per filter, ``(num_filters, values_per_filter)``: see
+    :func:`keras_graft.layouts.to_rows`."""
+    return layouts.to_rows(tf.convert_to_tensor(kernel), filter_axes)
 
 
 def _row_entropy(rows, bins):
@@ -295,7 +292,8 @@ class InvalidFilterReport:
 def invalid_filters(model, threshold=0.1, include_dense=False):
     """Per-layer and total counts of filters whose L1 norm is below ``threshold``.
 
-    Counts the filters of every convolution layer (and Dense layers with ``include_dense``). The grafting paper
+    Counts the filters of every layer :func:`keras_graft.layouts.filter_layers` lists: convolutions and
+    registered custom layers (and Dense layers with ``include_dense``). The grafting paper
     calls such filters invalid at thresholds 0.1 and 0.01.
     """
     if threshold < 0 or not math.isfinite(threshold):

@@ -41,6 +41,7 @@ from absl import logging
 from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
+from keras_graft import layouts
 
 LEVELS = ("layer", "filter")
 
@@ -151,11 +152,9 @@ class _Mixer:
         """``alpha`` broadcastable against a weight of ``shape`` along ``axes`` (mean alpha if it cannot be)."""
         if alpha.shape.rank == 0 or axes is None:
             return tf.reduce_mean(alpha)
-        rank = len(shape)
-        axes = [a % rank for a in axes]
-        if int(np.prod([shape[a] for a in axes])) != alpha.shape[0]:
+        target = layouts.filter_shape(shape, axes)
+        if int(np.prod(target)) != alpha.shape[0]:
             return tf.reduce_mean(alpha)
-        target = [shape[i] if i in axes else 1 for i in range(rank)]
         return tf.reshape(alpha, target)
 
     def mix(self, own, peer, own_info, peer_info, peer_usable=True):

@@ -11,6 +11,7 @@ import dataclasses
 
 import keras
 
+from keras_graft import keras_internals
 from keras_graft import layouts
 
 _PASSTHROUGH = (
@@ -75,20 +76,20 @@ def _is_float(variable):
 
 
 def _first_parent(layer):
-    nodes = getattr(layer, "_inbound_nodes", [])
+    nodes = keras_internals.inbound_nodes(layer)
     if not nodes or len(nodes[0].parent_nodes) != 1:
         return None
     return nodes[0].parent_nodes[0].operation
 
 
 def _only_consumer(layer):
-    nodes = getattr(layer, "_outbound_nodes", [])
+    nodes = keras_internals.outbound_nodes(layer)
     return nodes[0].operation if len(nodes) == 1 else None
 
 
 def _producer(norm_layer, previous_layer):
     """The kernel layer whose output ``norm_layer`` normalises, through channel-keeping layers."""
-    if not getattr(norm_layer, "_inbound_nodes", []):
+    if not keras_internals.inbound_nodes(norm_layer):
         return previous_layer  # subclassed model: no graph, fall back to model order
     layer = _first_parent(norm_layer)
     while isinstance(layer, _PASSTHROUGH):
@@ -145,13 +146,7 @@ def graft_structure(model, layers=None):
             group = by_layer.get(id(owner))
             gamma = getattr(layer, "gamma", None)
             channels = layer.weights[0].shape[0]
-            filters = None
-            if group is not None:
-                kernel, axes = layouts.primary_kernel(owner)
-                filters = 1
-                for a in axes:
-                    filters *= kernel.shape[a]
-            if group is not None and filters == channels:
+            if group is not None and layouts.num_filters(owner) == channels:
                 group.members += [(i, (0,)) for i, _ in members(layer, layer)]
                 group.gamma_index = index[id(gamma)] if gamma is not None else None
                 group.layer_names += (layer.name,)

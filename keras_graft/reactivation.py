@@ -53,16 +53,17 @@ import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
-from keras.src.utils import io_utils
 
 from keras_graft import checks
 from keras_graft import criteria as criteria_lib
 from keras_graft import groups as groups_lib
+from keras_graft import keras_internals
 from keras_graft import layouts
 from keras_graft.ensemble import PeerEnsemble
+from keras_graft.keras_internals import optimizer_slots
 
 __all__ = ["RePr", "RePrState", "PHASES", "LEVELS", "RANKINGS", "STATE_ATTRIBUTE", "phase_at", "select_filters",
-           "orthogonal_directions", "optimizer_slots", "to_rows", "from_rows"]
+           "orthogonal_directions", "optimizer_slots"]
 
 #: Phase names; ``logs["repr_phase"]`` holds the index (0 full, 1 pruned, 2 done).
 PHASES = ("full", "pruned", "done")
@@ -108,27 +109,6 @@ def select_filters(scores, prune_ratio, higher_is_better=False):
     return [np.sort(np.asarray(c, dtype=np.int64)) for c in chosen]
 
 
-def to_rows(array, axes):
-    """NumPy twin of :func:`keras_graft.criteria.filter_rows`: one row per filter, ``(filters, values)``."""
-    axes = layouts.normalize_axes(axes, array.ndim)
-    moved = np.moveaxis(array, axes, range(array.ndim - len(axes), array.ndim))
-    return moved.reshape(-1, int(np.prod([array.shape[a] for a in axes]))).T
-
-
-def from_rows(rows, shape, axes):
-    """Inverse of :func:`to_rows`."""
-    axes = layouts.normalize_axes(axes, len(shape))
-    other = [shape[i] for i in range(len(shape)) if i not in axes]
-    moved = rows.T.reshape(other + [shape[a] for a in axes])
-    return np.moveaxis(moved, range(len(shape) - len(axes), len(shape)), axes)
-
-
-def _filter_shape(shape, axes):
-    """Shape that broadcasts a per-filter vector against a variable of ``shape`` along ``axes``."""
-    axes = layouts.normalize_axes(axes, len(shape))
-    return [shape[i] if i in axes else 1 for i in range(len(shape))]
-
-
 def orthogonal_directions(constraint_sets, count, dim, rng):
     """``count`` orthonormal vectors of length ``dim`` orthogonal to every row of the first usable constraint set.
 
@@ -148,32 +128,6 @@ def orthogonal_directions(constraint_sets, count, dim, rng):
                 vectors -= basis @ (basis.T @ vectors)
         return np.linalg.qr(vectors)[0].T, level
     return None, len(constraint_sets)
-
-
-def optimizer_slots(optimizer, variable):
-    """The optimizer's own variables for ``variable``: momentum, Adam's m and v, accumulators, EMA, ...
-
-    Keras 3 optimizers keep each kind of slot in a list aligned with the variables they were built for
-    (``SGD.momentums``, ``Adam._momentums`` and ``._velocities``, ...). Every such list of the optimizer (or of
-    the optimizer a LossScaleOptimizer wraps) contributes the entry at ``variable``'s index. Slots shaped
-    differently from their variable (Adafactor's factored moments) are not found.
-    """
-    while hasattr(optimizer, "inner_optimizer"):
-        optimizer = optimizer.inner_optimizer
-    trainable = list(getattr(optimizer, "_trainable_variables", []))
-    if not trainable:
-        return []
-    index = optimizer._get_variable_index(variable)
-
-    def aligned(value):
-        if not isinstance(value, (list, tuple)) or len(value) != len(trainable) or value is trainable:
-            return False
-        pairs = [(slot, var) for slot, var in zip(value, trainable) if slot is not None]
-        return bool(pairs) and all(isinstance(slot, keras.Variable) and slot is not var
-                                   and tuple(slot.shape) == tuple(var.shape) for slot, var in pairs)
-
-    slot_lists = [value for value in vars(optimizer).values() if aligned(value)]
-    return [slots[index] for slots in slot_lists if slots[index] is not None]
 
 
 def _initializer(layer, variable):
@@ -202,8 +156,7 @@ class _LayerPlan:
     def __init__(self, layer, members):
         self.layer = layer
         self.kernel, self.axes = layouts.primary_kernel(layer)
-        self.num_filters = int(np.prod([self.kernel.shape[a] for a in layouts.normalize_axes(
-            self.axes, len(self.kernel.shape))]))
+        self.num_filters = layouts.num_filters(layer)
         self.row_size = int(np.prod(self.kernel.shape)) // self.num_filters
         self.members = [(var, axes, owner) for var, axes, owner in members if axes is not None]
 
@@ -349,7 +302,7 @@ class _ModelState:
             for plan, keep in zip(self.plans, self.variables.keep):
                 for var, axes, _ in plan.members:
                     if var.trainable:
-                        shape = _filter_shape(var.shape, axes)
+                        shape = layouts.filter_shape(var.shape, axes)
                         slots = optimizer_slots(self.optimizer, var) if self.optimizer is not None else []
                         targets += [(v, keep, shape) for v in [var] + slots]
 
@@ -369,7 +322,7 @@ def _attach(model, variables):
     ``tf.train.Checkpoint`` needs the explicit dependency that Keras itself adds for tracked attributes.
     """
     object.__setattr__(model, STATE_ATTRIBUTE, variables)
-    model._track_trackable(variables, name=STATE_ATTRIBUTE, overwrite=True)  # pylint: disable=protected-access
+    keras_internals.track_trackable(model, variables, STATE_ATTRIBUTE)
 
 
 class RePr(keras.callbacks.Callback):
@@ -550,7 +503,7 @@ class RePr(keras.callbacks.Callback):
             for var, axes, _ in plan.members:
                 if var.trainable and not (isinstance(var.constraint, _Hold) and var.constraint.keep is keep):
                     previous = var.constraint.previous if isinstance(var.constraint, _Hold) else var.constraint
-                    var.constraint = _Hold(keep, _filter_shape(var.shape, axes), previous)
+                    var.constraint = _Hold(keep, layouts.filter_shape(var.shape, axes), previous)
         if getattr(model, "train_function", None) is not None:
             model.make_train_function(force=True)  # a new step, traced with the hold at its first call
         state = _ModelState(model, plans, variables, len(self._states))
@@ -668,7 +621,7 @@ class RePr(keras.callbacks.Callback):
         state.checked = True
         i, indices = next(iter(dropped.items()))
         plan = state.plans[i]
-        if any(np.any(to_rows(var.numpy(), axes)[indices]) for var, axes, _ in plan.members if var.trainable):
+        if any(np.any(layouts.to_rows(var.numpy(), axes)[indices]) for var, axes, _ in plan.members if var.trainable):
             raise RuntimeError(
                 f"RePr: the dropped filters of layer '{plan.name}' of model '{state.model.name}' changed during "
                 "training: the training step was compiled before RePr set the constraints that hold them at zero. "
@@ -694,7 +647,7 @@ class RePr(keras.callbacks.Callback):
             pre_drop = np.zeros((plan.num_filters, plan.row_size), np.float32)
             if i in dropped:
                 keep[dropped[i]] = 0.0
-                pre_drop[dropped[i]] = to_rows(plan.kernel.numpy(), plan.axes)[dropped[i]]
+                pre_drop[dropped[i]] = layouts.to_rows(plan.kernel.numpy(), plan.axes)[dropped[i]]
             state.variables.keep[i].assign(keep)
             state.variables.pre_drop[i].assign(pre_drop)
         state.clear()
@@ -706,9 +659,9 @@ class RePr(keras.callbacks.Callback):
         }
         self._events.append(event)
         if self.verbose:
-            io_utils.print_msg(f"RePr '{state.model.name}' cycle {cycle}: dropped "
-                               f"{sum(event['dropped'].values())} filters after {unit} {self.unit}s "
-                               f"{event['dropped']}")
+            keras_internals.print_msg(f"RePr '{state.model.name}' cycle {cycle}: dropped "
+                                      f"{sum(event['dropped'].values())} filters after {unit} {self.unit}s "
+                                      f"{event['dropped']}")
 
     def _reinitialise(self, state, cycle, unit):
         """Gives the dropped filters new values orthogonal to the survivors and to their pre-drop values.
@@ -743,15 +696,16 @@ class RePr(keras.callbacks.Callback):
             "levels": levels,
         })
         if self.verbose:
-            io_utils.print_msg(f"RePr '{state.model.name}' cycle {cycle}: re-initialised "
-                               f"{sum(len(i) for i in dropped.values())} filters after {unit} {self.unit}s {levels}")
+            keras_internals.print_msg(f"RePr '{state.model.name}' cycle {cycle}: re-initialised "
+                                      f"{sum(len(i) for i in dropped.values())} filters after {unit} {self.unit}s "
+                                      f"{levels}")
 
     @staticmethod
     def _reinitialise_layer(plan, dropped, pre_drop, rng):
         """Writes the new kernel rows of one layer's ``dropped`` filters; returns the level reached."""
         kernel = plan.kernel.numpy()
-        rows = to_rows(kernel, plan.axes).astype(np.float64)
-        fresh = to_rows(_initializer_draw(_initializer(plan.layer, plan.kernel), kernel.shape, rng), plan.axes)
+        rows = layouts.to_rows(kernel, plan.axes).astype(np.float64)
+        fresh = layouts.to_rows(_initializer_draw(_initializer(plan.layer, plan.kernel), kernel.shape, rng), plan.axes)
         if not np.any(fresh):
             fresh = rng.normal(0.0, math.sqrt(2.0 / rows.shape[1]), fresh.shape)
         survivors = np.delete(rows, dropped, axis=0)
@@ -761,7 +715,7 @@ class RePr(keras.callbacks.Callback):
             rows[dropped] = fresh[dropped]
         else:
             rows[dropped] = directions * np.sqrt(np.mean(np.sum(np.square(fresh), axis=1)))
-        plan.kernel.assign(from_rows(rows, kernel.shape, plan.axes).astype(kernel.dtype))
+        plan.kernel.assign(layouts.from_rows(rows, kernel.shape, plan.axes).astype(kernel.dtype))
         return LEVELS[level]
 
     @staticmethod
@@ -769,7 +723,8 @@ class RePr(keras.callbacks.Callback):
         """Sets the dropped filters' entries of ``var`` (a bias, gamma, beta, moving statistic) to their initial
         values, drawn from the initializer ``owner`` made it with."""
         value = var.numpy()
-        selected = np.zeros(int(np.prod(_filter_shape(value.shape, axes))), bool)
+        shape = layouts.filter_shape(value.shape, axes)
+        selected = np.zeros(int(np.prod(shape)), bool)
         selected[dropped] = True
         initial = _initializer_draw(_initializer(owner, var), value.shape, rng)
-        var.assign(np.where(selected.reshape(_filter_shape(value.shape, axes)), initial, value).astype(value.dtype))
+        var.assign(np.where(selected.reshape(shape), initial, value).astype(value.dtype))

@@ -31,20 +31,6 @@ from keras_graft import layouts
 from keras_graft import peers
 
 
-def _to_columns(kernel, axes):
-    """``kernel`` as a matrix ``(values_per_filter, num_filters)``, and the permutation used to get there."""
-    rank = kernel.shape.rank
-    permutation = [i for i in range(rank) if i not in axes] + list(axes)
-    num_filters = int(np.prod([kernel.shape[i] for i in axes]))
-    return tf.reshape(tf.transpose(kernel, permutation), [-1, num_filters]), permutation
-
-
-def _from_columns(columns, shape, permutation):
-    """Inverse of :func:`_to_columns`."""
-    moved = tf.reshape(columns, [shape[i] for i in permutation])
-    return tf.transpose(moved, np.argsort(permutation).tolist())
-
-
 class ScionResult(grafting.GraftResult):
     """What one scion round did to a model: invalid and grafted filters per convolution layer.
 
@@ -146,14 +132,13 @@ class Scion(peers.PeerSource):
             invalid_counts, grafted_counts = [], []
             for layer_index, (kernel, axes) in enumerate(kernels):
                 value = kernel.value
-                axes = layouts.normalize_axes(axes, len(value.shape))
-                columns, permutation = _to_columns(tf.cast(value, tf.float32), axes)
+                columns = tf.transpose(layouts.to_rows(tf.cast(value, tf.float32), axes))  # (values, filters)
                 norms = criteria.l1_norm(columns, filter_axes=-1)
                 invalid = norms < self.threshold
                 additions, grafted = self._scion(columns, norms, invalid, layer_index, round_index)
                 # Select rather than add zeros, so that valid filters keep their exact bits.
                 new_columns = tf.where(grafted[None, :], columns + additions, columns)
-                kernel.assign(tf.cast(_from_columns(new_columns, value.shape, permutation), value.dtype))
+                kernel.assign(tf.cast(layouts.from_rows(tf.transpose(new_columns), value.shape, axes), value.dtype))
                 invalid_counts.append(tf.reduce_sum(tf.cast(invalid, tf.int64)))
                 grafted_counts.append(tf.reduce_sum(tf.cast(grafted, tf.int64)))
             return tf.stack(invalid_counts), tf.stack(grafted_counts)

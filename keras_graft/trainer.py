@@ -27,12 +27,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras.src.utils import io_utils
-
 from keras_graft import callbacks as callbacks_lib
 from keras_graft import checks
 from keras_graft import distillation as distillation_lib
 from keras_graft import grafting as grafting_lib
+from keras_graft import keras_internals
 from keras_graft import reactivation
 from keras_graft import schedules as schedules_lib
 from keras_graft import steps as steps_lib
@@ -812,8 +811,9 @@ class GraftTrainer:
         with self.strategy.scope():
             logs = callbacks_lib.ring_logs(self._ring(self._healthy.numpy().tolist()))
         if self.grafting.verbose:
-            io_utils.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch {finished_epoch + 1} "
-                               f"(means over the models, layers summed): {callbacks_lib.round_summary(logs)}")
+            keras_internals.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch "
+                                      f"{finished_epoch + 1} (means over the models, layers summed): "
+                                      f"{callbacks_lib.round_summary(logs)}")
         return logs
 
     def _evaluate(self, distributed_data, callback_list=None):

@@ -151,10 +151,10 @@ class ScoreTest(tf.test.TestCase, parameterized.TestCase):
     @parameterized.parameters(((3, 3, 4, 6), (-1,)), ((3, 3, 4, 2), (-2, -1)), ((3, 3, 5, 4), (-2,)))
     def test_rows_round_trip_and_match_filter_rows(self, shape, axes):
         kernel = np.random.default_rng(2).normal(size=shape).astype(np.float32)
-        rows = reactivation.to_rows(kernel, axes)
+        rows = layouts.to_rows(kernel, axes)
         self.assertAllEqual(rows, criteria.filter_rows(kernel, axes))
         self.assertAllEqual(rows, np_rows(kernel, axes))
-        self.assertAllEqual(reactivation.from_rows(rows, shape, axes), kernel)
+        self.assertAllEqual(layouts.from_rows(rows, shape, axes), kernel)
 
 
 class ScheduleTest(tf.test.TestCase, parameterized.TestCase):
