@@ -54,6 +54,7 @@ import tensorflow as tf
 import keras_graft
 from keras_graft import criteria
 from keras_graft import datasets
+from keras_graft import experiment
 from keras_graft import models
 from keras_graft.trainer import GraftTrainer
 
@@ -149,53 +150,6 @@ def teacher_path(seed=None):
 
 # One run.
 
-class EpochRecord(keras.callbacks.Callback):
-    """Per epoch (before its graft): test accuracy of every model and of the ensemble, invalid filters, the peers'
-    relative distance ||W_0 - W_1|| / ||W_0|| over all weights, learning rates, seconds. Rows are also written to
-    ``path`` so that a resumed run keeps the rows of the epochs it does not rerun."""
-
-    def __init__(self, trainer, label, path):
-        super().__init__()
-        self.trainer = trainer
-        self.label = label
-        self.path = path
-        self.stats = keras_graft.FilterStats(thresholds=list(THRESHOLDS))
-        self.rows = []
-        if path and os.path.exists(path):
-            with open(path) as f:
-                self.rows = json.load(f)
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-        self.rows = [row for row in self.rows if row["epoch"] <= epoch]
-
-    def on_epoch_end(self, epoch, logs=None):
-        n = self.trainer.num_models
-        stats = [self.stats.measure(model) for model in self.trainer.models]
-        row = {
-            "epoch": epoch + 1, "seconds": time.perf_counter() - self._start,
-            "learning_rate": [logs[f"learning_rate_{k}"] for k in range(n)],
-            "train_loss": [logs[f"loss_{k}"] for k in range(n)],
-            "test_accuracy": [logs[f"val_accuracy_{k}"] for k in range(n)],
-            "test_accuracy_ensemble": logs["val_accuracy_ensemble"],
-            **{f"invalid_{t:g}": [s[f"invalid_filters_{t:g}"] for s in stats] for t in THRESHOLDS},
-            "graft_alpha": [logs.get(f"graft_alpha_{k}", 1.0) for k in range(n)],
-        }
-        if n > 1:
-            own, peer = (np.concatenate([w.ravel() for w in m.get_weights()]) for m in self.trainer.models[:2])
-            row["peer_distance"] = float(np.linalg.norm(own - peer) / np.linalg.norm(own))
-        self.rows.append(row)
-        if self.path:
-            with open(self.path + ".tmp", "w") as f:
-                json.dump(self.rows, f)
-            os.replace(self.path + ".tmp", self.path)
-        logging.info("%s epoch %d: test %s (ensemble %.4f), invalid<0.1 %s, lr %.3g%s (%.0f s)", self.label,
-                     epoch + 1, [round(a, 4) for a in row["test_accuracy"]], row["test_accuracy_ensemble"],
-                     row["invalid_0.1"], row["learning_rate"][-1],
-                     f", distance {row['peer_distance']:.3f}" if n > 1 else "", row["seconds"])
-
-
 def run(method, seed, label):
     num_models, kwargs = method_spec(method)
     record = {"method": method, "seed": int(seed), "num_models": num_models, "config": config(),
@@ -217,7 +171,7 @@ def run(method, seed, label):
     train = datasets.per_model_dataset_fn("fashion_mnist_local", batch_size=FLAGS.batch_size,
                                           base_seed=1_000_003 * int(seed), subset=FLAGS.train_examples)
     test = datasets.load("fashion_mnist_local", "test", batch_size=1000)
-    epochs = EpochRecord(trainer, label, os.path.join(backup_dir, "epochs.json") if backup_dir else None)
+    epochs = experiment.EpochRecord(trainer, label, os.path.join(backup_dir, "epochs.json") if backup_dir else None)
     start = time.perf_counter()
     trainer.fit(train, epochs=FLAGS.epochs, steps_per_epoch=config()["steps_per_epoch"], validation_data=test,
                 callbacks=[epochs], verbose=0)
@@ -248,18 +202,6 @@ def run(method, seed, label):
 
 
 # The plan.
-
-def load_records(path):
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:  # a line cut short by a kill
-                    continue
-    return records
-
 
 def plan():
     """Units of work in priority order (the 5-seed pair first); the teacher and its students form one unit."""
@@ -303,7 +245,7 @@ def study():
     todo = [(m, s) for unit in (plan() if FLAGS.runs else shard_of(plan())) for m, s in unit]
     logging.info("Study %s, shard %d/%d: %d runs.", key, FLAGS.shard, FLAGS.shards, len(todo))
     for index, (method, seed) in enumerate(todo, 1):
-        done = {(r["config_key"], r["method"], r["seed"]) for r in load_records(FLAGS.output)}
+        done = {(r["config_key"], r["method"], r["seed"]) for r in experiment.read_jsonl(FLAGS.output)}
         if (key, method, seed) in done:
             continue
         deadline = time.time() + FLAGS.teacher_wait_s
@@ -313,8 +255,7 @@ def study():
             raise RuntimeError(f"{method} seed {seed} needs the teacher {teacher_path()}: run the teacher first "
                                "(it comes before its students in the plan), or let --teacher_wait_s wait for it.")
         record = run(method, seed, f"[{index}/{len(todo)}] {method} seed {seed}")
-        with open(FLAGS.output, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        experiment.append_jsonl(FLAGS.output, record)
     logging.info("Shard %d done: %s.", FLAGS.shard, FLAGS.output)
 
 
@@ -510,11 +451,11 @@ def plot(records, path):
 
 
 def report():
-    records = load_records(FLAGS.output)
+    records = experiment.read_jsonl(FLAGS.output)
     if not records:
         raise app.UsageError(f"No results in {FLAGS.output}.")
     summary = summarize(records)
-    summary["studies"] += summarize_repr(load_records(FLAGS.repr_output))
+    summary["studies"] += summarize_repr(experiment.read_jsonl(FLAGS.repr_output))
     for path, text in ((FLAGS.summary, json.dumps(summary, indent=1)), (FLAGS.report_md, markdown(summary))):
         with open(path, "w") as f:
             f.write(text + "\n")

@@ -12,7 +12,6 @@ papers; the ratio the reference's users report, 3.66% for a ResNet-32 baseline, 
 Resumable: runs already in ``--output`` with the same settings are skipped.
 """
 
-import json
 import os
 import time
 
@@ -24,6 +23,7 @@ import keras
 
 import keras_graft
 from keras_graft import datasets
+from keras_graft import experiment
 from keras_graft import models
 from keras_graft.trainer import GraftTrainer
 
@@ -52,38 +52,6 @@ def build_fn(name):
                                        weight_decay=FLAGS.weight_decay)
 
 
-class EpochRecord(keras.callbacks.Callback):
-    """Per epoch: learning rates, validation accuracies (before the graft), invalid filters of every model."""
-
-    def __init__(self, trainer, label):
-        super().__init__()
-        self.trainer = trainer
-        self.label = label
-        self.stats = keras_graft.FilterStats(thresholds=list(THRESHOLDS))
-        self.epochs = []
-        self._start = None
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        n = self.trainer.num_models
-        invalid = [self.stats.measure(model) for model in self.trainer.models]
-        row = {
-            "epoch": epoch + 1, "seconds": time.perf_counter() - self._start,
-            "learning_rate": [logs[f"learning_rate_{k}"] for k in range(n)],
-            "train_loss": [logs[f"loss_{k}"] for k in range(n)],
-            "val_accuracy": [logs[f"val_accuracy_{k}"] for k in range(n)],
-            "val_accuracy_ensemble": logs["val_accuracy_ensemble"],
-            **{f"invalid_{t:g}": [stats[f"invalid_filters_{t:g}"] for stats in invalid] for t in THRESHOLDS},
-            "graft_alpha": [logs.get(f"graft_alpha_{k}", 1.0) for k in range(n)],
-        }
-        self.epochs.append(row)
-        logging.info("%s epoch %d: val %s, invalid<0.1 %s, invalid<0.01 %s, lr %.4g (%.0f s)", self.label,
-                     epoch + 1, [round(a, 4) for a in row["val_accuracy"]], row["invalid_0.1"], row["invalid_0.01"],
-                     row["learning_rate"][-1], row["seconds"])
-
-
 def settings(model_name, method):
     return {"model": model_name, "method": method, "seed": FLAGS.seed, "batch_size": FLAGS.batch_size,
             "epochs": FLAGS.epochs, "milestones": [int(m) for m in FLAGS.milestones], "lr": FLAGS.lr,
@@ -105,14 +73,15 @@ def run(model_name, method):
         grafting=keras_graft.Grafting() if method == "graft2" else None, lr_spread=method == "graft2",
         lr_schedule={"name": "step", "milestones": config["milestones"]}, seed=FLAGS.seed,
         steps_per_execution=FLAGS.steps_per_execution)
-    record = EpochRecord(trainer, f"{model_name} {method}")
+    record = experiment.EpochRecord(trainer, f"{model_name} {method}", accuracy_key="val_accuracy",
+                                    peer_distance=False)
     start = time.perf_counter()
     trainer.fit(train, epochs=FLAGS.epochs,
                 steps_per_epoch=steps, validation_data=validation, callbacks=[record], verbose=0)
     filters = keras_graft.criteria.invalid_filters(trainer.models[0], THRESHOLDS[0]).total
     keras.backend.clear_session()
     return {**config, "steps_per_epoch": steps, "steps_at_initial_lr": steps * config["milestones"][0],
-            "filters_per_model": filters, "fit_seconds": time.perf_counter() - start, "per_epoch": record.epochs,
+            "filters_per_model": filters, "fit_seconds": time.perf_counter() - start, "per_epoch": record.rows,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
@@ -124,10 +93,7 @@ def main(argv):
             FLAGS.output = "/tmp/keras_graft_probe_smoke.jsonl"
             if os.path.exists(FLAGS.output):
                 os.remove(FLAGS.output)
-    done = []
-    if os.path.exists(FLAGS.output):
-        with open(FLAGS.output) as f:
-            done = [json.loads(line) for line in f if line.strip().endswith("}")]
+    done = experiment.read_jsonl(FLAGS.output)
     for model_name in FLAGS.models:
         for method in FLAGS.methods:
             config = settings(model_name, method)
@@ -135,9 +101,7 @@ def main(argv):
                 logging.info("%s %s: already in %s.", model_name, method, FLAGS.output)
                 continue
             result = run(model_name, method)
-            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
-            with open(FLAGS.output, "a") as f:
-                f.write(json.dumps(result) + "\n")
+            experiment.append_jsonl(FLAGS.output, result)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ Panels: the L1 norms of every convolution filter (histogram on a log scale, with
 accuracy during training.
 
 The architecture of each weights file comes from the results.json that examples/train.py writes next to it;
-without one, give --model (and --depth/--width, --dataset/--image_size or --num_classes/--input_shape).
+without one, give --model (and --width, --dataset/--image_size or --num_classes/--input_shape).
 It also prints the invalid-filter counts per model.
 """
 
+import dataclasses
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,9 +26,9 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _common  # noqa: E402
+from keras_graft import datasets  # noqa: E402
+from keras_graft import experiment  # noqa: E402
+from keras_graft.experiment import plots  # noqa: E402
 
 flags.DEFINE_list("weights", None, "Comma-separated .weights.h5 files (model_<k>.weights.h5 of examples/train.py).")
 flags.DEFINE_list("labels", None, "One label per weights file (default: from each run's results.json, the method "
@@ -36,7 +36,6 @@ flags.DEFINE_list("labels", None, "One label per weights file (default: from eac
                   "with several models).")
 flags.DEFINE_string("output", "filters.png", "PNG to write.")
 flags.DEFINE_string("model", None, "Network of the weights (default: from the results.json next to each file).")
-flags.DEFINE_integer("depth", None, "Depth override, as in train.py.")
 flags.DEFINE_integer("width", None, "Width override, as in train.py.")
 flags.DEFINE_string("dataset", None, "Dataset the models were trained on (gives the input shape and classes).")
 flags.DEFINE_integer("image_size", None, "Image size the models were trained with, as in train.py.")
@@ -51,32 +50,20 @@ FLAGS = flags.FLAGS
 
 
 def _error(message):
-    return _common.ScriptError("plot_filters.py", message)
+    return experiment.ScriptError("plot_filters.py", message)
 
 
 def _spec_for(path):
     """(ModelSpec, results dict or None) for one weights file."""
-    import dataclasses
-
-    from keras_graft import datasets
-
-    results = _common.load_results_near(path)
-    saved = _common.ModelSpec.from_dict(results["model_spec"]) if results and "model_spec" in results else None
+    results = plots.load_results_near(path)
+    saved = experiment.ModelSpec.from_dict(results["model_spec"]) if results and "model_spec" in results else None
     if FLAGS.model is None:
         if saved is None:
-            raise _error(f"No {_common.RESULTS_FILE} next to {path} to read the architecture from: pass --model (and "
-                         "--dataset or --num_classes/--input_shape).")
+            raise _error(f"No {experiment.RESULTS_FILE} next to {path} to read the architecture from: pass --model "
+                         "(and --dataset or --num_classes/--input_shape).")
         return saved, results
-    dsinfo = None
-    if FLAGS.dataset is not None:
-        if FLAGS.dataset not in datasets.NAMES:
-            raise _error(f"Unknown --dataset={FLAGS.dataset!r}; valid: {', '.join(datasets.NAMES)}.")
-        dsinfo = datasets.info(FLAGS.dataset, image_size=FLAGS.image_size)
-    cfg = _common.Config(model=FLAGS.model, depth=FLAGS.depth, width=FLAGS.width, weight_decay=0.0)
-    try:
-        spec = _common.model_spec(cfg, dsinfo)
-    except _common.ConfigError as e:
-        raise _error(str(e)) from e
+    dsinfo = None if FLAGS.dataset is None else datasets.info(FLAGS.dataset, image_size=FLAGS.image_size)
+    spec = experiment.model_spec(experiment.Config(model=FLAGS.model, width=FLAGS.width, weight_decay=0.0), dsinfo)
     if dsinfo is None and saved is not None:  # Classes and input shape from the run, architecture from the flags.
         spec = dataclasses.replace(spec, num_classes=saved.num_classes, input_shape=saved.input_shape)
     if FLAGS.num_classes:
@@ -94,9 +81,9 @@ def _run_labels(paths, results):
     labels = list(folders)
     if known:
         try:
-            for i, label in zip(known, _common.run_labels([results[i]["config"] for i in known])):
+            for i, label in zip(known, experiment.run_labels([results[i]["config"] for i in known])):
                 labels[i] = label
-        except (_common.ConfigError, TypeError, ValueError) as e:
+        except (TypeError, ValueError) as e:
             logging.warning("Cannot label the runs by their configuration (%s); using their folders.", e)
     return labels
 
@@ -121,19 +108,23 @@ def main(argv):
     if not FLAGS.output.lower().endswith(".png"):
         raise _error(f"--output must be a .png file, got {FLAGS.output!r}.")
 
-    specs = [_spec_for(path) for path in paths]
+    try:
+        specs = [_spec_for(path) for path in paths]
+    except ValueError as e:
+        raise _error(str(e)) from e
     run_labels = _run_labels(paths, [results for _, results in specs])
     labels = FLAGS.labels or [_model_label(path, label, results) for path, label, (_, results)
                               in zip(paths, run_labels, specs)]
     entries, logs = [], []
     for path, label, run_label, (spec, results) in zip(paths, labels, run_labels, specs):
         try:
-            model = _common.load_trained(path, spec)
-        except _common.ConfigError as e:
-            raise _error(str(e)) from e
-        norms = _common.filter_norms(model)
+            model = experiment.load_trained(path, spec)
+        except ValueError as e:
+            raise _error(f"Cannot load {path} into {spec.label} (input {tuple(spec.input_shape)}, {spec.num_classes} "
+                         f"classes): {e}") from e
+        norms = plots.filter_norms(model)
         entries.append((label, norms))
-        counts = ", ".join(f"{sum(int((n < t).sum()) for _, n in norms)} below {t:g}" for t in _common.THRESHOLDS)
+        counts = ", ".join(f"{sum(int((n < t).sum()) for _, n in norms)} below {t:g}" for t in experiment.THRESHOLDS)
         print(f"{label}: {spec.label}, {sum(n.size for _, n in norms)} filters; invalid: {counts}", flush=True)
         if FLAGS.logs is None and results and results.get("log_csv"):
             if results["log_csv"] not in [p for _, p in logs]:
@@ -145,7 +136,7 @@ def main(argv):
         log_labels = labels if len(FLAGS.logs) == len(labels) else [
             os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(p)))) for p in FLAGS.logs]
         logs = list(zip(log_labels, FLAGS.logs))
-    _common.plot_filters(entries, FLAGS.output, logs=logs, threshold=FLAGS.threshold, title=FLAGS.title)
+    plots.plot_filters(entries, FLAGS.output, logs=logs, threshold=FLAGS.threshold, title=FLAGS.title)
     print(f"Wrote {FLAGS.output}", flush=True)
     logging.info("Compared %d models.", len(entries))
 

@@ -24,7 +24,6 @@ $FASHION_MNIST_DIR) when they are there, otherwise tensorflow-datasets' fashion_
 """
 
 import os
-import sys
 import textwrap
 import time
 
@@ -34,10 +33,9 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import _common  # noqa: E402
 from keras_graft import datasets  # noqa: E402
+from keras_graft import experiment  # noqa: E402
+from keras_graft.experiment import plots  # noqa: E402
 
 flags.DEFINE_string("output_dir", os.path.join("runs", "quickstart"), "Where to write the plot, results and weights.")
 flags.DEFINE_bool("tiny", False, "A tiny run (ResNet-8 of width 4, 512 images, 2 epochs: one graft round) that "
@@ -92,15 +90,11 @@ def main(argv):
                   train_subset=settings["train_subset"], test_subset=settings["test_subset"],
                   val_subset=settings["val_subset"], tensorboard=False)
     runs = [
-        ("baseline", _common.Config(method="baseline", output=os.path.join(out, "baseline", "results.json"),
-                                    **common)),
-        ("graft", _common.Config(method="graft", num_models=2, lr_spread=True,
-                                 output=os.path.join(out, "graft", "results.json"), **common)),
+        ("baseline", experiment.Config(method="baseline", output=os.path.join(out, "baseline", "results.json"),
+                                       **common)),
+        ("graft", experiment.Config(method="graft", num_models=2, lr_spread=True,
+                                    output=os.path.join(out, "graft", "results.json"), **common)),
     ]
-    try:
-        runs = [(name, _common.resolve(cfg)) for name, cfg in runs]
-    except _common.ConfigError as e:
-        raise _common.ScriptError("quickstart.py", str(e)) from e
     final_images = f"the first {settings['test_subset']}" if settings["test_subset"] else "all 10000"
     epoch_images = settings["val_subset"] or settings["test_subset"]
     say(f"Training {settings['model']} (width {settings['width']}) on {settings['train_subset']} images for "
@@ -113,15 +107,15 @@ def main(argv):
     for index, (name, cfg) in enumerate(runs, 1):
         say(f"[{index}/{len(runs)}] {name}")
         try:  # The quick start owns its output folder: a new run replaces the whole of it.
-            results[name] = _common.run(cfg, log=lambda line, name=name: say(f"  {line}"), overwrite=True)
-        except _common.ConfigError as e:
-            raise _common.ScriptError("quickstart.py", str(e)) from e
+            results[name] = experiment.run(cfg, log=lambda line, name=name: say(f"  {line}"), overwrite=True)
+        except (ValueError, FileNotFoundError) as e:
+            raise experiment.ScriptError("quickstart.py", str(e)) from e
         say(f"  done in {results[name]['fit_seconds']:.0f} s\n")
 
     baseline, graft = results["baseline"], results["graft"]
     say(f"Test accuracy on {final_images} test images (not the per-epoch subset), and filters whose L1 norm is "
         "below 0.1 / 0.01 (invalid filters):\n")
-    say(_common.format_table([baseline, graft], ["baseline", "graft"]))
+    say(experiment.format_table([baseline, graft], ["baseline", "graft"]))
     gain = 100 * (graft["mean_accuracy"] - baseline["mean_accuracy"])
     rounds = sum(1 for layers in graft["history"].get("graft_layers", []) if layers)
     say("")
@@ -148,9 +142,8 @@ def main(argv):
     if png:
         entries = []
         for label, r in (("baseline", baseline), ("graft", graft)):
-            spec = _common.ModelSpec.from_dict(r["model_spec"])
-            for k, path in enumerate(r["weights"][:1]):
-                entries.append((label, _common.filter_norms(_common.load_trained(path, spec))))
+            spec = experiment.ModelSpec.from_dict(r["model_spec"])
+            entries.append((label, plots.filter_norms(experiment.load_trained(r["weights"][0], spec))))
         summary = ["", "test accuracy:"]
         summary += [f"  {label} model {k}: {100 * acc:.2f}%" for label, r in (("baseline", baseline), ("graft", graft))
                     for k, acc in enumerate(r["test_accuracy"])]
@@ -158,12 +151,12 @@ def main(argv):
         curves_note = ("graft: each graft leaves models 0 and 1 equal (2 models: alpha_1 = 1 - alpha_0), so they "
                        "differ by one epoch of training and their curves and the ensemble's nearly coincide. "
                        f"Per-epoch accuracy on {epoch_images or 10000} test images.")
-        _common.plot_filters(entries, png, logs=[("baseline", baseline["log_csv"]), ("graft", graft["log_csv"])],
+        plots.plot_filters(entries, png, logs=[("baseline", baseline["log_csv"]), ("graft", graft["log_csv"])],
                              title=f"Quick start: {baseline['model']} on Fashion-MNIST, baseline vs 2-model grafting",
                              summary=summary, curves_note=curves_note)
     wall = time.perf_counter() - start
     summary_path = os.path.join(out, "results.json")
-    _common.write_json(summary_path, {"dataset": dataset, "settings": settings, "wall_seconds": wall,
+    experiment.write_json(summary_path, {"dataset": dataset, "settings": settings, "wall_seconds": wall,
                                       "baseline": baseline, "graft": graft, "plot": png})
     say(f"\nWrote {summary_path}" + (f" and {png}" if png else "") + f". Total time {wall / 60:.1f} min.")
     logging.info("Quick start done in %.0f s.", wall)

@@ -34,7 +34,6 @@ layers, ``graft_alpha_spread`` in the logs) and ``peer dist`` (||W - W_peer|| / 
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -42,21 +41,18 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from keras_graft import experiment  # noqa: E402
 
-import _common  # noqa: E402
+_METHODS_HELP = "; ".join(f"{name}: {text}" for name, text in experiment.METHOD_HELP.items())
 
-_METHODS_HELP = "; ".join(f"{name}: {text}" for name, text in _common.METHOD_HELP.items())
-
-flags.DEFINE_enum("method", "baseline", list(_common.METHODS), f"Training method. {_METHODS_HELP}.")
-flags.DEFINE_enum("protocol", "default", list(_common.PROTOCOLS), "reference: every setting of the reference "
+flags.DEFINE_enum("method", "baseline", list(experiment.METHODS), f"Training method. {_METHODS_HELP}.")
+flags.DEFINE_enum("protocol", "default", list(experiment.PROTOCOLS), "reference: every setting of the reference "
                   "code's grafting run (2 models, 200 epochs, batch 128, SGD 0.1 momentum 0.9, weight decay 5e-4, "
                   "lr x0.1 every 60 epochs, lr spread, entropy, a=0.4, c=500, a graft after every epoch); a flag "
                   "that contradicts it is an error. Needs --method=graft.")
 flags.DEFINE_string("model", "resnet32", "Network: one of keras_graft.models.available() (resnet20/32/44/56/110, "
-                    "their _leaky variants, mobilenetv2, vgg16_bn, wrn28_10), or resnet<6n+2> / wrn<6n+4>_<k> for "
-                    "other depths.")
-flags.DEFINE_integer("depth", None, "Override the depth of a ResNet (6n + 2) or wide ResNet (6n + 4).")
+                    "their _leaky variants, convnet3, mobilenetv2, vgg16_bn, wrn28_10), or resnet<6n+2>[_leaky] / "
+                    "wrn<6n+4>_<k> for other depths (keras_graft.models.get).")
 flags.DEFINE_integer("width", None, "Override the width: filters of a ResNet's first stage (16 in the paper), or a "
                      "wide ResNet's widening factor. Small values give quick runs.")
 flags.DEFINE_string("dataset", "cifar10", "Dataset: cifar10, cifar100, fashion_mnist (tensorflow-datasets, else the "
@@ -71,7 +67,7 @@ flags.DEFINE_integer("epochs", 200, "Epochs (every model sees the whole training
 flags.DEFINE_integer("batch_size", 128, "Batch size per model (global, over all replicas).")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate of SGD (the last model's with --lr_spread).")
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
-flags.DEFINE_enum("schedule", "step", list(_common.SCHEDULES), "Learning-rate schedule, per step: step (x0.1 every "
+flags.DEFINE_enum("schedule", "step", list(experiment.SCHEDULES), "Learning-rate schedule, per step: step (x0.1 every "
                   "--lr_step_epochs epochs), cosine (annealing to 0 over --epochs), constant.")
 flags.DEFINE_integer("lr_step_epochs", 60, "Epochs between the x0.1 drops of --schedule=step.")
 flags.DEFINE_bool("lr_spread", None, "Give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2 "
@@ -79,14 +75,14 @@ flags.DEFINE_bool("lr_spread", None, "Give model k (k = 1..N) the initial rate l
                   "networks (the reference's --difflr), off otherwise.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay, as L2 regularisers in the models.")
 # Grafting.
-flags.DEFINE_enum("criterion", None, list(_common.CRITERIA), "Grafting information criterion (default: entropy for "
+flags.DEFINE_enum("criterion", None, list(experiment.CRITERIA), "Grafting information criterion (default: entropy for "
                   "--level=layer, bn_scale for --level=filter).")
-flags.DEFINE_enum("level", None, list(_common.LEVELS), "Grafting level (default layer).")
+flags.DEFINE_enum("level", None, list(experiment.LEVELS), "Grafting level (default layer).")
 flags.DEFINE_float("a", None, "Grafting coefficient range: alpha = 0.5 + (a / pi) * arctan(c * (I_self - I_peer)) "
                    "(default 0.4).")
 flags.DEFINE_float("c", None, "Grafting sharpness c (default 500).")
 flags.DEFINE_integer("graft_every", None, "Graft every n epochs (default 1).")
-flags.DEFINE_enum("source", None, list(_common.SOURCES), "Grafting's information source (default external): "
+flags.DEFINE_enum("source", None, list(experiment.SOURCES), "Grafting's information source (default external): "
                   "external (the peer networks, in a ring), internal (each invalid filter += the layer's "
                   "rank-matched large filter), noise (each invalid filter += Gaussian noise, sigma_t = "
                   "sigma_decay^t).")
@@ -104,7 +100,7 @@ flags.DEFINE_integer("repr_s1", None, "RePr: epochs (or steps) of full training 
 flags.DEFINE_integer("repr_s2", None, "RePr: epochs (or steps) with the dropped filters held at zero (default 10).")
 flags.DEFINE_float("repr_ratio", None, "RePr: share of the ranked filters dropped per cycle (default 0.3).")
 flags.DEFINE_integer("repr_cycles", None, "RePr: drop/re-initialise cycles (default 3).")
-flags.DEFINE_enum("repr_unit", None, list(_common.REPR_UNITS), "RePr: what --repr_s1/--repr_s2 count (default "
+flags.DEFINE_enum("repr_unit", None, list(experiment.REPR_UNITS), "RePr: what --repr_s1/--repr_s2 count (default "
                   "epoch).")
 # Runtime.
 flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"], "tf.distribute strategy: default, "
@@ -132,10 +128,10 @@ FLAGS = flags.FLAGS
 
 
 def config_from_flags():
-    """The experiment the flags describe (not yet checked: see _common.resolve)."""
-    values = {field: FLAGS[field].value for field in _common.Config.__dataclass_fields__}
+    """The experiment the flags describe (not yet checked: see experiment.resolve)."""
+    values = {field: FLAGS[field].value for field in experiment.Config.__dataclass_fields__}
     values["log_dir"] = values["log_dir"] or None  # absl's default is "".
-    return _common.Config(**values)
+    return experiment.Config(**values)
 
 
 def main(argv):
@@ -147,12 +143,11 @@ def main(argv):
         cpus = tf.config.list_physical_devices("CPU")
         tf.config.set_logical_device_configuration(
             cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(FLAGS.cpu_devices)])
-    try:
-        cfg = _common.resolve(config_from_flags())
-        results = _common.run(cfg)
-    except _common.ConfigError as e:
-        raise _common.ScriptError("train.py", str(e)) from e
-    table = _common.format_table([results], [results["method"]])
+    try:  # Bad settings fail before training: contradictions here, bad values in the library.
+        results = experiment.run(config_from_flags())
+    except (ValueError, FileNotFoundError) as e:
+        raise experiment.ScriptError("train.py", str(e)) from e
+    table = experiment.format_table([results], [results["method"]])
     print(f"\n{results['description']}\n\n{table}\n", flush=True)
     if results["weights"]:
         print(f"Results: {results['results']}\nWeights: {', '.join(results['weights'])}"
