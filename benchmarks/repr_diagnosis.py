@@ -196,7 +196,6 @@ def run(variant):
         if len(digits) == 3:
             s1, s2, cycles = digits
         repr_cb = cls(s1=s1, s2=s2, prune_ratio=FLAGS.prune_ratio, cycles=cycles, seed=seed)
-        repr_cb.models, repr_cb.optimizers = trainer.models, trainer.optimizers
         callbacks.append(repr_cb)
         info = {"s1": s1, "s2": s2, "cycles": cycles, "prune_ratio": FLAGS.prune_ratio,
                 "class": getattr(cls, "ranking", cls.__name__)}

@@ -6,6 +6,7 @@ their own, so the core never depends on them.
 
 from keras_graft import criteria, layouts, schedules, strategies
 from keras_graft.callbacks import FilterStats, Grafting
+from keras_graft.config import GraftConfig
 from keras_graft.distillation import Distillation
 from keras_graft.grafting import Grafter, GraftResult, RingGrafter, adaptive_coefficient, graft
 from keras_graft.peers import ModelPeers, PeerSource

@@ -8,11 +8,13 @@ import tensorflow as tf
 from absl import logging
 
 from keras_graft import checks
+from keras_graft import config as config_lib
 from keras_graft import criteria as criteria_lib
 from keras_graft import grafting
 from keras_graft import keras_internals
 from keras_graft import layouts
 from keras_graft import peers as peers_lib
+from keras_graft import rounds as rounds_lib
 from keras_graft.ensemble import PeerEnsemble
 
 
@@ -24,8 +26,8 @@ class Grafting(keras.callbacks.Callback):
     - ``PeerEnsemble.fit(..., callbacks=[Grafting()])``: the ensemble's own train step trains every peer, and the
       peers graft in a ring (peer k takes from peer k - 1, reading the weights from before the round). Peers whose
       epoch loss (``loss_k``) is NaN or Inf are not mixed into their successor (``nonfinite_models`` counts them).
-    - ``GraftTrainer(grafting=Grafting(...))``: the trainer trains its models and grafts them in a ring; it reads
-      only this callback's settings.
+    - ``GraftTrainer(grafting=Grafting(...))``: the trainer trains its models and grafts them in a ring (or, with
+      a scion, ``Grafting(NoiseScion())``, each model from its own copy); it reads only this callback's settings.
     - ``model.fit(..., callbacks=[Grafting(SharedDirectory(...))])``: one process per peer, each training its own
       model with ``fit``; they meet through the directory.
     - ``model.fit(..., callbacks=[Grafting(peers=[donor])])``: nobody trains ``donor`` here. Grafting from a fixed
@@ -62,11 +64,15 @@ class Grafting(keras.callbacks.Callback):
       peer's weights were not finite.
 
     With several peers (grafted one after another) the alphas, spreads and distances are averaged over the peers
-    and the layer counts summed. Scions (:class:`keras_graft.NoiseScion`) have no peer: spread and distance 0,
-    plus ``scion_filters``.
+    and the layer counts summed. Scions (:class:`keras_graft.NoiseScion`) have no peer and add to the weights
+    without scaling them: alpha 1 (not a measured mix), spread and distance 0, plus ``scion_filters``.
 
     On a PeerEnsemble (``peers=None``) the same keys come per peer (``graft_alpha_k``...), merged over the peers
-    without the suffix, with ``nonfinite_models``.
+    without the suffix, with ``nonfinite_models``. A scion on a PeerEnsemble grafts each peer from its own copy
+    (``scion.for_member(k)``), with the same keys per peer.
+
+    The settings (criterion to final_graft) are held in :attr:`config`, a :class:`keras_graft.GraftConfig`:
+    pass them as arguments or as ``config=GraftConfig(...)``.
 
     Args:
       peers: see above.
@@ -81,44 +87,47 @@ class Grafting(keras.callbacks.Callback):
       warn_static: warn when a peer model has not changed since the previous round (see above).
       verbose: 1 prints one line per round (alpha, spread, peer distance, layers) through Keras' printing
         (stdout, or absl logging after ``keras.config.disable_interactive_logging()``).
+      config: a :class:`keras_graft.GraftConfig` instead of the settings criterion to final_graft.
     """
 
     def __init__(self, peers=None, criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None,
-                 final_graft=False, model=None, warn_static=True, verbose=0):
+                 final_graft=False, model=None, warn_static=True, verbose=0, config=None):
         super().__init__()
-        grafting.validate_hyperparameters(a, c, level)
-        every_n_epochs = checks.integer("Grafting", "every_n_epochs", every_n_epochs, minimum=1)
+        settings = dict(criterion=criterion, a=a, c=c, level=level, every_n_epochs=every_n_epochs, layers=layers,
+                        final_graft=final_graft)
+        if config is None:
+            config = config_lib.GraftConfig(**settings, owner="Grafting")
+        elif not isinstance(config, config_lib.GraftConfig):
+            raise TypeError(f"Grafting: config must be None or a keras_graft.GraftConfig, got "
+                            f"{checks.shown(config)}.")
+        else:
+            given = [name for name, value in settings.items() if value != _DEFAULTS[name]]
+            if given:
+                raise ValueError(f"Grafting: pass the settings either in config or as arguments, not both (got "
+                                 f"config and {', '.join(given)}).")
         if model is not None and not isinstance(model, keras.Model):
             raise TypeError(f"Grafting: model must be None or the Keras model to graft, got a "
                             f"{type(model).__name__}.")
+        self.config = config
         self.peers = None if peers is None else peers_lib.get(peers)
         self.warn_static = bool(warn_static)
         if isinstance(self.peers, peers_lib.ModelPeers):
             self.peers.warn_static = self.warn_static
-        self.criterion = criteria_lib.get(criterion or grafting.default_criterion(level))
-        self.a = float(a)
-        self.c = float(c)
-        self.level = level
-        self.every_n_epochs = every_n_epochs
-        self.layers = checks.layer_selection("Grafting", layers)
-        self.final_graft = checks.boolean("Grafting", "final_graft", final_graft)
         self.target = model
         self.verbose = checks.verbose("Grafting", verbose)
         self._grafter = None
-        self._ring = None
+        self._rounds = None
+
+    criterion = property(lambda self: self.config.criterion, doc="The criterion object (see GraftConfig).")
+    a = property(lambda self: self.config.a)
+    c = property(lambda self: self.config.c)
+    level = property(lambda self: self.config.level)
+    every_n_epochs = property(lambda self: self.config.every_n_epochs)
+    layers = property(lambda self: self.config.layers)
+    final_graft = property(lambda self: self.config.final_graft)
 
     def get_config(self):
-        return {
-            "criterion": criteria_lib.serialize(self.criterion),
-            "a": self.a,
-            "c": self.c,
-            "level": self.level,
-            "every_n_epochs": self.every_n_epochs,
-            "layers": self.layers if not callable(self.layers) else None,
-            "final_graft": self.final_graft,
-            "warn_static": self.warn_static,
-            "verbose": self.verbose,
-        }
+        return {**self.config.get_config(), "warn_static": self.warn_static, "verbose": self.verbose}
 
     @classmethod
     def from_config(cls, config):
@@ -128,25 +137,45 @@ class Grafting(keras.callbacks.Callback):
     def _target(self):
         return self.target if self.target is not None else self.model
 
-    def _ring_peers(self):
-        """The models of the ring this callback grafts (peers=None on a PeerEnsemble); raises for other models."""
+    def _members(self):
+        """Whether the peers of a PeerEnsemble graft together: in a ring, or each from its own scion."""
         target = self._target()
-        if not isinstance(target, PeerEnsemble):
+        return isinstance(target, PeerEnsemble) and (self.peers is None or self.peers.per_member)
+
+    def _member_rounds(self):
+        """The rounds of a PeerEnsemble's peers (a ring or a scion each); raises for other models."""
+        target = self._target()
+        if not self._members():
             raise ValueError("Grafting has no peers: fit a keras_graft.PeerEnsemble (its peers graft in a ring), "
                              "pass peers=[model, ...] or a PeerSource, or give the settings to "
                              "GraftTrainer(grafting=Grafting(...)).")
-        if len(target.peers) < 2:
+        if self.peers is None and len(target.peers) < 2:
             raise ValueError("A PeerEnsemble needs at least 2 peers to graft in a ring.")
-        return list(target.peers)
+        if self._rounds is None or self._rounds.models != list(target.peers):
+            self._rounds = rounds_lib.MemberRounds(target.peers, self.config, self.peers)
+        return self._rounds
+
+    def set_model(self, model):
+        """Also attaches the peer source's state to the grafted model(s), before BackupAndRestore loads weights."""
+        super().set_model(model)
+        target = self._target()
+        if self.peers is None or not isinstance(target, keras.Model) or not (target.built and target.weights):
+            return
+        if self._members():
+            self._member_rounds()
+        else:
+            self.peers.track(target)
 
     def grafter(self):
         """The compiled graft for this callback's model, built on first use."""
         target = self._target()
         if self._grafter is None or self._grafter.model is not target:
-            if self.peers is None:
-                self._ring_peers()
+            if self.peers is None or self._members():
+                raise ValueError("Grafting: the peers of a PeerEnsemble graft round by round together, not through "
+                                 "one grafter; without a PeerEnsemble pass peers=[model, ...] or a PeerSource.")
+            self.peers.track(target)
             self.peers.setup(target)
-            self._grafter = grafting.Grafter(target, self.criterion, self.a, self.c, self.level, self.layers)
+            self._grafter = self.config.grafter(target)
         return self._grafter
 
     def on_train_begin(self, logs=None):
@@ -154,11 +183,8 @@ class Grafting(keras.callbacks.Callback):
         self._done_round = None
         self._resumed = False
         self._set_initial_epoch = False
-        if self.peers is None:
-            peers = self._ring_peers()
-            if self._ring is None or self._ring.models != peers:
-                self._ring = grafting.RingGrafter(peers, self.criterion, self.a, self.c, self.level, self.layers)
-            self._healthy = [True] * len(peers)
+        if self.peers is None or self._members():
+            self._healthy = [True] * len(self._member_rounds().models)
             return
         target = self._target()
         if target.built and target.weights:
@@ -175,10 +201,10 @@ class Grafting(keras.callbacks.Callback):
 
     def round_due(self, epoch):
         """Whether a round follows (0-based) epoch ``epoch``: after epochs n, 2n, ..."""
-        return (epoch + 1) % self.every_n_epochs == 0
+        return self.config.round_due(epoch)
 
     def _idle_logs(self):
-        return idle_ring_logs(len(self._ring.models)) if self.peers is None else self.peers.idle_logs()
+        return self._member_rounds().idle_logs() if self._members() else self.peers.idle_logs()
 
     def on_epoch_begin(self, epoch, logs=None):
         if getattr(self, "_resumed", False):
@@ -190,7 +216,7 @@ class Grafting(keras.callbacks.Callback):
             self._round_logs = self._run_round(epoch - 1)
 
     def on_epoch_end(self, epoch, logs=None):
-        if self.peers is not None:
+        if not self._members():
             self.peers.record_epoch(epoch, logs)
         if logs is None:
             return
@@ -212,59 +238,23 @@ class Grafting(keras.callbacks.Callback):
         if getattr(self, "_set_initial_epoch", False):
             self._set_initial_epoch = False
             keras_internals.set_initial_epoch(self.model, self._initial_epoch_before)  # a later fit starts where asked
-        if self.peers is not None:
+        if not self._members():
             self.peers.finish(self._target(), last, round_done)
 
     def _run_round(self, round_index):
         """Grafts the round that follows epoch ``round_index``; returns its logs."""
-        if self.peers is None:
+        if self._members():
             with self._target().distribute_strategy.scope():
-                graft_logs = ring_logs(self._ring(self._healthy))
+                graft_logs = self._member_rounds()(round_index, self._healthy)
         else:
-            graft_logs = merge_logs(self.peers.graft_round(self.grafter(), round_index))
+            graft_logs = rounds_lib.merge_logs(self.peers.graft_round(self.grafter(), round_index))
         if self.verbose:
             keras_internals.print_msg(f"Grafting '{self._target().name}', round after epoch {round_index + 1}: "
-                                      f"{round_summary(graft_logs)}")
+                                      f"{rounds_lib.round_summary(graft_logs)}")
         return graft_logs
 
 
-def round_summary(logs, suffix=""):
-    """One line describing a round from its logs (keys ``graft_alpha{suffix}``, ...)."""
-    line = (f"alpha {logs[f'graft_alpha{suffix}']:.3f}, |alpha - 0.5| {logs[f'graft_alpha_spread{suffix}']:.3f}, "
-            f"peer distance {logs[f'graft_peer_distance{suffix}']:.3f}, {logs[f'graft_layers{suffix}']} layers")
-    skipped = logs.get(f"graft_skipped_layers{suffix}", 0)
-    if skipped:
-        line += f", {skipped} skipped (non-finite peer weights)"
-    if f"scion_filters{suffix}" in logs:
-        line += f", {logs[f'scion_filters{suffix}']} scion filters"
-    return line
-
-
-def idle_ring_logs(num_models):
-    """The logs of a ring epoch that no round opened: per model and merged, every key at its neutral value."""
-    idle = grafting.idle_logs()
-    return {**{f"{key}_{k}": value for k in range(num_models) for key, value in idle.items()}, **idle}
-
-
-def ring_logs(results):
-    """Logs of a ring round: per model (``graft_alpha_k``...) and merged over models (``graft_alpha``...)."""
-    logs = merge_logs(results)
-    for k, result in enumerate(results):
-        logs.update({f"{key}_{k}": value for key, value in result.logs().items()})
-    return logs
-
-
-def merge_logs(results):
-    """One set of graft logs for several GraftResults: alphas, spreads and distances averaged, counts summed."""
-    if not results:
-        return {}
-    merged = {}
-    for result in results:
-        for key, value in result.logs().items():
-            merged.setdefault(key, []).append(value)
-    mean_keys = {f"graft_{key}" for key in grafting.MEAN_KEYS}
-    return {key: float(np.mean(values)) if key in mean_keys else int(np.sum(values))
-            for key, values in merged.items()}
+_DEFAULTS = dict(criterion=None, a=0.4, c=500.0, level="layer", every_n_epochs=1, layers=None, final_graft=False)
 
 
 class FilterStats(keras.callbacks.Callback):
@@ -284,7 +274,8 @@ class FilterStats(keras.callbacks.Callback):
         as invalid.
       bins: histogram bins of the entropy, at least 2.
       include_dense: also count the units of Dense layers as filters (needed for a model without convolutions).
-      models: Keras models to measure instead of the callback's model (GraftTrainer sets its peers).
+      models: Keras models to measure instead of the callback's model (default: the peers of a PeerEnsemble or
+        GraftTrainer, else the model).
       verbose: 1 prints one line per epoch with the statistics, through Keras' printing.
     """
 
@@ -356,7 +347,10 @@ class FilterStats(keras.callbacks.Callback):
         return logs
 
     def _targets(self):
-        return self.models if self.models is not None else [self.model]
+        """The measured models: :attr:`models`, else a PeerEnsemble's peers (GraftTrainer's too), else the model."""
+        if self.models is not None:
+            return self.models
+        return list(self.model.peers) if isinstance(self.model, PeerEnsemble) else [self.model]
 
     def on_train_begin(self, logs=None):
         """Checks every model (and compiles its statistics) before the first step."""
@@ -365,9 +359,7 @@ class FilterStats(keras.callbacks.Callback):
                 self._function(model)
 
     def on_epoch_end(self, epoch, logs=None):
-        models = self.models
-        if models is None:
-            models = self.model.peers if isinstance(self.model, PeerEnsemble) else [self.model]
+        models = self._targets()
         stats = {}
         for k, model in enumerate(models):
             suffix = "" if len(models) == 1 else f"_{k}"

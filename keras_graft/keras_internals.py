@@ -53,6 +53,18 @@ def track_trackable(model, trackable, name):
     model._track_trackable(trackable, name=name, overwrite=True)  # pylint: disable=protected-access
 
 
+def attach_state(model, name, state):
+    """Sets ``state`` as ``model.<name>`` past Keras' layer tracking and makes it a checkpoint dependency.
+
+    Keras' weight files (``save_weights``, ``BackupAndRestore``, ``ModelCheckpoint``) walk a model's attributes,
+    so the state is saved with the model while staying out of ``model.layers`` and ``model.weights`` (which
+    grafting and parameter counts read); ``tf.train.Checkpoint`` needs the explicit dependency of
+    :func:`track_trackable`.
+    """
+    object.__setattr__(model, name, state)
+    track_trackable(model, state, name)
+
+
 def inbound_nodes(layer):
     """The graph nodes where ``layer`` was called (private ``layer._inbound_nodes``; empty for a layer of a
     subclassed model, which has no graph). ``node.parent_nodes[k].operation`` is the layer feeding input k."""

@@ -1,8 +1,11 @@
 """Where grafting peers come from. A peer source runs one graft round for a model.
 
-The interface is small: ``setup(model)`` validates the peers once before training, and
+The interface is small: ``track(model)`` attaches the source's state (if it keeps one) to the model so that its
+checkpoints carry it, ``setup(model)`` validates the peers once before training, and
 ``graft_round(grafter, round_index)`` brings the peers' weights for that round and grafts them with the given
-:class:`keras_graft.grafting.Grafter`, returning one :class:`GraftResult` per peer grafted.
+:class:`keras_graft.grafting.Grafter`, returning one :class:`GraftResult` per peer grafted. A source with
+``per_member = True`` (the scions) also serves each of N models trained together (GraftTrainer, PeerEnsemble):
+``for_member(k)`` is model k's own copy.
 """
 
 import abc
@@ -14,10 +17,47 @@ from absl import logging
 
 from keras_graft import checks
 from keras_graft import grafting
+from keras_graft import keras_internals
+
+
+class SourceState(keras.layers.Layer):
+    """A peer source's state for one model: named int64 scalars, attached by :func:`attach_state`."""
+
+    def __init__(self, values, **kwargs):
+        super().__init__(trainable=False, **kwargs)
+        for name, value in values.items():
+            variable = self.add_weight(shape=(), dtype="int64", initializer="zeros", trainable=False, name=name)
+            variable.assign(int(value))
+            setattr(self, name, variable)  # an attribute per variable: tf.train.Checkpoint tracks attributes
+        self.built = True
+
+
+def attach_state(model, attribute, values):
+    """A new :class:`SourceState` holding ``values``, attached to ``model`` as ``attribute``.
+
+    As RePr's state, through :func:`keras_graft.keras_internals.attach_state`: Keras' weight files
+    ``BackupAndRestore``, ``ModelCheckpoint``) and ``tf.train.Checkpoint`` (GraftTrainer's ``backup_dir``) carry it,
+    and it stays out of ``model.layers`` and ``model.weights``. Attach before a checkpoint is loaded.
+    """
+    strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
+    with strategy.scope():
+        state = SourceState(values, name=f"{attribute.strip('_')}_{model.name}")
+    keras_internals.attach_state(model, attribute, state)
+    return state
 
 
 class PeerSource(abc.ABC):
     """Supplies peer weights to a :class:`keras_graft.Grafting` callback."""
+
+    #: Whether :meth:`for_member` gives each model of a GraftTrainer or PeerEnsemble its own source.
+    per_member = False
+
+    def for_member(self, index):
+        """The source of model ``index`` of N models trained together (only where ``per_member``)."""
+        raise ValueError(f"{type(self).__name__} has no per-model copies.")
+
+    def track(self, model):
+        """Attaches the state this source keeps for ``model`` (before checkpoints load). Default: none."""
 
     def setup(self, model):
         """Checks the peers against ``model`` before any weight changes. Default: nothing to check."""

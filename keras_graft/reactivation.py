@@ -314,17 +314,6 @@ class _ModelState:
         self._clear()
 
 
-def _attach(model, variables):
-    """Makes ``variables`` (a RePrState) part of ``model``'s checkpoints without making it one of its layers.
-
-    Keras' weight files walk a model's attributes, so an attribute set past Keras' layer tracking is saved with
-    the model but stays out of ``model.layers`` and ``model.weights`` (which grafting and parameter counts read);
-    ``tf.train.Checkpoint`` needs the explicit dependency that Keras itself adds for tracked attributes.
-    """
-    object.__setattr__(model, STATE_ATTRIBUTE, variables)
-    keras_internals.track_trackable(model, variables, STATE_ATTRIBUTE)
-
-
 class RePr(keras.callbacks.Callback):
     """RePr training schedule (Prakash et al., CVPR 2019) as a Keras callback; see the module docstring.
 
@@ -498,7 +487,7 @@ class RePr(keras.callbacks.Callback):
             strategy = getattr(model, "distribute_strategy", None) or tf.distribute.get_strategy()
             with strategy.scope():
                 variables = RePrState(plans, seed, name=f"repr_state_{model.name}")
-            _attach(model, variables)
+            keras_internals.attach_state(model, STATE_ATTRIBUTE, variables)
         for plan, keep in zip(plans, variables.keep):
             for var, axes, _ in plan.members:
                 if var.trainable and not (isinstance(var.constraint, _Hold) and var.constraint.keep is keep):

@@ -10,14 +10,16 @@ information grafted into invalid filters (L1 norm below a threshold) should come
   i-th largest.
 
 Both are :class:`keras_graft.peers.PeerSource` objects, so ``Grafting(peers=NoiseScion())`` runs them at the end of
-an epoch in ``model.fit``; ``scion.apply(model, round_index)`` runs them from a custom loop such as a multi-model
-trainer. Each call is one compiled ``tf.function`` over all convolution layers: the kernels are read, changed and
+an epoch in ``model.fit``, and ``GraftTrainer(grafting=Grafting(NoiseScion()))`` (or a PeerEnsemble fit with that
+callback) grafts each of its models from its own copy (``for_member(k)``: noise seeded by the model index too);
+``scion.apply(model, round_index)`` runs them from a custom loop. Each call is one compiled ``tf.function`` over all convolution layers: the kernels are read, changed and
 assigned in-graph. Called outside ``strategy.run`` (cross-replica context), the assignment writes the same value to
 every replica of a MirroredVariable, and the noise comes from stateless random ops seeded by ``(seed, round)``, so
 replicas stay equal and a round is reproducible.
 """
 
 import abc
+import copy
 import random
 
 import numpy as np
@@ -34,8 +36,8 @@ from keras_graft import peers
 class ScionResult(grafting.GraftResult):
     """What one scion round did to a model: invalid and grafted filters per convolution layer.
 
-    A scion adds to the model's weights without scaling them, so the coefficient of the model's own weights
-    (``graft_alpha``) is 1 and, with no peer, ``graft_alpha_spread`` and ``graft_peer_distance`` are 0;
+    A scion adds to the model's weights without scaling them (W <- 1 * W + scion), so the coefficient of the
+    model's own weights (``graft_alpha``) is 1 in every round, not a measured mix; with no peer, ``graft_alpha_spread`` and ``graft_peer_distance`` are 0;
     ``graft_layers`` counts the layers with at least one grafted filter and ``graft_skipped_layers`` is 0.
     ``logs()`` adds ``scion_filters``, the number of filters grafted.
     """
@@ -71,17 +73,28 @@ class Scion(peers.PeerSource):
     Subclasses define :meth:`_scion`, the per-layer addition. ``apply(model, round_index)`` runs one round on
     ``model`` in one compiled function and returns a :class:`ScionResult`; inside ``model.fit`` the
     :class:`keras_graft.Grafting` callback calls it through :meth:`graft_round` with the epoch as the round.
+    :attr:`member` is the model index of a copy made by :meth:`for_member` (None otherwise).
     """
+
+    per_member = True
 
     def __init__(self, threshold=0.1):
         self.threshold = checks.number(type(self).__name__, "threshold", threshold, minimum=0)
+        self.member = None
         self._functions = {}
 
     @abc.abstractmethod
-    def _scion(self, columns, norms, invalid, layer_index, round_index):
+    def _scion(self, columns, norms, invalid, layer_index, round_index, state):
         """(additions, grafted) for one layer: ``columns`` is its kernel as ``(values, filters)``, ``norms`` the
         filters' L1 norms and ``invalid`` those below the threshold; ``grafted`` marks the filters that take
-        ``additions`` (same shape as ``columns``)."""
+        ``additions`` (same shape as ``columns``). ``state``: what :meth:`track` returned for the model."""
+
+    def for_member(self, index):
+        """A copy for model ``index`` of N models trained together, with the same settings (and drawn seed)."""
+        member = copy.copy(self)
+        member.member = int(index)
+        member._functions = {}
+        return member
 
     def get_config(self):
         return {"threshold": self.threshold}
@@ -116,7 +129,7 @@ class Scion(peers.PeerSource):
         if entry is None or entry[0] is not model:
             self.setup(model)
             layers = layouts.filter_layers(model)
-            entry = (model, layers, tf.function(self._round_function(layers), autograph=False))
+            entry = (model, layers, tf.function(self._round_function(layers, self.track(model)), autograph=False))
             self._functions[id(model)] = entry
         _, layers, function = entry
         invalid, grafted = function(tf.constant(int(round_index), tf.int64))
@@ -124,7 +137,7 @@ class Scion(peers.PeerSource):
         self._log(model, result)
         return result
 
-    def _round_function(self, layers):
+    def _round_function(self, layers, state):
         """The graft of one round over ``layers``' kernels, to be compiled: round index -> (invalid, grafted)."""
         kernels = [layouts.primary_kernel(layer) for layer in layers]
 
@@ -135,7 +148,7 @@ class Scion(peers.PeerSource):
                 columns = tf.transpose(layouts.to_rows(tf.cast(value, tf.float32), axes))  # (values, filters)
                 norms = criteria.l1_norm(columns, filter_axes=-1)
                 invalid = norms < self.threshold
-                additions, grafted = self._scion(columns, norms, invalid, layer_index, round_index)
+                additions, grafted = self._scion(columns, norms, invalid, layer_index, round_index, state)
                 # Select rather than add zeros, so that valid filters keep their exact bits.
                 new_columns = tf.where(grafted[None, :], columns + additions, columns)
                 kernel.assign(tf.cast(layouts.from_rows(tf.transpose(new_columns), value.shape, axes), value.dtype))
@@ -167,10 +180,15 @@ class NoiseScion(Scion):
     3x3 convolution weight, after about 22 epochs and below 0.01 after about 44: the noise re-activates filters
     early and is negligible before the first learning-rate drop (epoch 60) of the papers' 200-epoch CIFAR schedule.
 
-    The noise is drawn by stateless random ops from ``(seed, round, layer position)``: a round is reproducible and
-    every replica of a distributed model gets the same noise. Give each model of a multi-model run its own seed
-    for independent noise. ``seed=None`` draws a seed once, at construction.
+    The noise is drawn by stateless random ops from ``(seed, round, layer position)``, and the model index of a
+    :meth:`for_member` copy: a round is reproducible, every replica of a distributed model gets the same noise and
+    the models of a GraftTrainer get independent noise. ``seed=None`` draws a seed once, at construction (with
+    SystemRandom). The seed in use is a variable attached to the grafted model (:meth:`track`), so
+    ``save_weights``, ``BackupAndRestore`` and GraftTrainer's ``backup_dir`` carry it and a resumed run draws the
+    same noise.
     """
+
+    STATE_ATTRIBUTE = "_keras_graft_noise_scion_state"
 
     def __init__(self, threshold=0.1, sigma_decay=0.9, initial_sigma=1.0, seed=None):
         super().__init__(threshold)
@@ -180,6 +198,7 @@ class NoiseScion(Scion):
                                            open_minimum=True)
         self.seed = checks.integer("NoiseScion", "seed", seed, allow_none=True)
         self._seed = self.seed if seed is not None else random.SystemRandom().randrange(2**31)
+        self._states = {}
 
     def sigma(self, round_index):
         """sigma_t = initial_sigma * sigma_decay^t."""
@@ -190,10 +209,25 @@ class NoiseScion(Scion):
         config.update(sigma_decay=self.sigma_decay, initial_sigma=self.initial_sigma, seed=self.seed)
         return config
 
-    def _scion(self, columns, norms, invalid, layer_index, round_index):
+    def for_member(self, index):
+        member = super().for_member(index)
+        member._states = {}
+        return member
+
+    def track(self, model):
+        """The model's state (the variable ``seed``): attached on the first call for ``model``, then reused."""
+        entry = self._states.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, peers.attach_state(model, self.STATE_ATTRIBUTE, {"seed": self._seed}))
+            self._states[id(model)] = entry
+        return entry[1]
+
+    def _scion(self, columns, norms, invalid, layer_index, round_index, state):
         sigma = self.initial_sigma * tf.pow(self.sigma_decay, tf.cast(round_index, tf.float32))
-        seed = tf.random.experimental.stateless_fold_in(tf.stack([tf.constant(self._seed, tf.int64), round_index]),
-                                                        layer_index)
+        key = tf.stack([state.seed.value, round_index])
+        if self.member is not None:
+            key = tf.random.experimental.stateless_fold_in(key, self.member)
+        seed = tf.random.experimental.stateless_fold_in(key, layer_index)
         noise = tf.random.stateless_normal(tf.shape(columns), seed=seed, stddev=sigma, dtype=columns.dtype)
         return noise, invalid
 
@@ -213,7 +247,7 @@ class InternalScion(Scion):
     filters' order.
     """
 
-    def _scion(self, columns, norms, invalid, layer_index, round_index):
+    def _scion(self, columns, norms, invalid, layer_index, round_index, state):
         order = tf.argsort(norms, stable=True)
         rank = tf.math.invert_permutation(order)
         partner = tf.gather(order, tf.size(order) - 1 - rank)

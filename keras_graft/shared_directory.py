@@ -507,6 +507,8 @@ class SharedDirectory(peers.PeerSource):
         None: no lease.
     """
 
+    STATE_ATTRIBUTE = "_keras_graft_shared_directory_state"
+
     def __init__(self, path, rank, world_size, timeout=600.0, poll_interval=0.05, max_poll_interval=2.0, keep=None,
                  run_id=None, max_loss_ratio=10.0, resume=True, bad_file_grace=5.0, lease_interval=2.0):
         path = checks.path("SharedDirectory", "path", path)
@@ -555,7 +557,7 @@ class SharedDirectory(peers.PeerSource):
         self.lease_interval = None if lease_interval is None else float(lease_interval)
         self._run = None
         self._token = uuid.uuid4().hex
-        self._last_round = None
+        self._states = {}
         self._losses = {}
         self._resumed = None  # (round, its loss): the round to re-run without publishing it again
         self._completed = False
@@ -886,11 +888,22 @@ class SharedDirectory(peers.PeerSource):
             except tf.errors.NotFoundError:
                 pass
 
+    def track(self, model):
+        """The model's state: ``last_round``, the last round grafted (-1: none), a variable that ``save_weights``
+        and ``BackupAndRestore`` carry. Attached on the first call for ``model``, then reused."""
+        entry = self._states.get(id(model))
+        if entry is None or entry[0] is not model:
+            entry = (model, peers.attach_state(model, self.STATE_ATTRIBUTE, {"last_round": -1}))
+            self._states[id(model)] = entry
+        return entry[1]
+
     def graft_round(self, grafter, round_index):
         """Publishes, waits for the predecessor's weights of ``round_index``, grafts them, deletes old rounds."""
-        if self._last_round is not None and round_index <= self._last_round:
+        state = self.track(grafter.model)
+        last_round = int(state.last_round.numpy())
+        if last_round >= 0 and round_index <= last_round:
             raise ValueError(
-                f"SharedDirectory rank {self.rank} already grafted round {self._last_round}; rounds must increase. "
+                f"SharedDirectory rank {self.rank} already grafted round {last_round}; rounds must increase. "
                 "To continue training, pass initial_epoch to model.fit (a restarted process resumes by itself)."
             )
         self._check_claim()
@@ -909,7 +922,7 @@ class SharedDirectory(peers.PeerSource):
                             "this round.", self.rank, round_index, self.peer_rank, problem)
         result = grafter.graft_arrays(peer.arrays, label, peer_usable=problem is None)
         self._delete_old_rounds(round_index)
-        self._last_round = round_index
+        state.last_round.assign(round_index)
         logging.debug("SharedDirectory rank %d grafted round %d from rank %d.", self.rank, round_index,
                       self.peer_rank)
         return [result]

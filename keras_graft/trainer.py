@@ -27,12 +27,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from keras_graft import callbacks as callbacks_lib
 from keras_graft import checks
+from keras_graft import config as config_lib
 from keras_graft import distillation as distillation_lib
 from keras_graft import grafting as grafting_lib
 from keras_graft import keras_internals
-from keras_graft import reactivation
+from keras_graft import rounds as rounds_lib
 from keras_graft import schedules as schedules_lib
 from keras_graft import steps as steps_lib
 from keras_graft import strategies as strategies_lib
@@ -221,18 +221,30 @@ def _signature_differences(saved, current):
     return differences
 
 
-def _grafting_settings(grafting):
-    """A Grafting callback (its settings only; peers must be None) from a Grafting, a dict of settings, or None."""
-    if grafting is None or isinstance(grafting, callbacks_lib.Grafting):
-        settings = grafting
-    elif isinstance(grafting, dict):
-        settings = callbacks_lib.Grafting(**grafting)
-    else:
-        raise TypeError(f"grafting must be None, a keras_graft.Grafting callback or a dict of its settings; got "
-                        f"{type(grafting).__name__}.")
-    if settings is not None and settings.peers is not None:
-        raise ValueError("GraftTrainer grafts its own models in a ring: pass Grafting(peers=None, ...).")
-    return settings
+def _holds_graft_settings(obj):
+    """Whether ``obj`` is a Grafting callback (duck-typed: a GraftConfig in ``config`` and ``peers``)."""
+    return isinstance(getattr(obj, "config", None), config_lib.GraftConfig) and hasattr(obj, "peers")
+
+
+def _graft_settings(grafting):
+    """(GraftConfig or None, peer source or None (a ring), verbose) from GraftTrainer's ``grafting`` argument."""
+    if grafting is None:
+        return None, None, 0
+    if isinstance(grafting, config_lib.GraftConfig):
+        return grafting, None, 0
+    if isinstance(grafting, dict):
+        settings = dict(grafting)
+        verbose = checks.verbose("GraftTrainer", settings.pop("verbose", 0))
+        return config_lib.GraftConfig(**settings, owner="GraftTrainer"), None, verbose
+    if _holds_graft_settings(grafting):
+        source = grafting.peers
+        if source is not None and not getattr(source, "per_member", False):
+            raise ValueError(f"GraftTrainer grafts its own models in a ring (Grafting(peers=None, ...)) or each "
+                             f"from its own scion (Grafting(keras_graft.NoiseScion())); got peers "
+                             f"{type(source).__name__}.")
+        return grafting.config, source, grafting.verbose
+    raise TypeError(f"grafting must be None, a keras_graft.GraftConfig, a dict of its settings or a "
+                    f"keras_graft.Grafting callback; got {type(grafting).__name__}.")
 
 
 def _check_arguments(model_fn, metrics, lr_spread, seed, backup_dir, distillation):
@@ -273,9 +285,11 @@ class GraftTrainer:
         builds model k's optimizer (then set its learning rate there: ``schedules.spread_learning_rates`` helps).
       loss: a Keras loss (object or identifier).
       metrics: metric names or objects, tracked per model and for the ensemble ("accuracy" as in ``compile``).
-      grafting: a ``keras_graft.Grafting`` callback used for its settings (criterion, a, c, level,
-        every_n_epochs, layers, final_graft, verbose: 1 prints a line per round) or a dict of them; None trains N
-        independent models (the fair baseline).
+      grafting: a :class:`keras_graft.GraftConfig`, a dict of its arguments (plus ``verbose``: 1 prints a line
+        per round), or a ``keras_graft.Grafting`` callback used for its settings, its ``verbose`` and its peers:
+        None grafts the models in a ring, a scion (``Grafting(keras_graft.NoiseScion())``) grafts each model from
+        its own copy (``scion.for_member(k)``; the noise also depends on k) with the ring's timing and log keys.
+        None trains N independent models (the fair baseline).
       strategy: a tf.distribute strategy or "default" | "mirrored" | "multi_worker"; None: the current one.
       lr_spread: give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2.
       lr_schedule: None, "cosine", "step", a dict (``{"name": "step", "every_epochs": 60, "factor": 0.1}``) or a
@@ -318,9 +332,9 @@ class GraftTrainer:
                 steps_per_execution < 1:
             raise ValueError(f"steps_per_execution must be an integer >= 1, got {steps_per_execution!r}.")
         self.steps_per_execution = int(steps_per_execution)
-        self.grafting = _grafting_settings(grafting)
-        if self.grafting is not None and self.num_models < 2:
-            raise ValueError("Grafting needs at least 2 models; use grafting=None for a single model.")
+        self.grafting, graft_source, self._graft_verbose = _graft_settings(grafting)
+        if self.grafting is not None and graft_source is None and self.num_models < 2:
+            raise ValueError("Grafting in a ring needs at least 2 models; use grafting=None for a single model.")
         self.strategy = strategies_lib.get(strategy)
         self.loss = steps_lib.resolve_loss(loss)
         self.metric_specs = list(metrics or [])
@@ -361,6 +375,7 @@ class GraftTrainer:
             self.ensemble = PeerEnsemble(self.models, steps_lib.output_activation(self.loss, output_shape),
                                          name="peers")
             self.ensemble.optimizer = self.optimizers[0]  # Read by TensorBoard for the step counter.
+            self.ensemble.peer_optimizers = self.optimizers  # Callbacks (RePr) find the models' optimizers here.
             self.ensemble.stop_training = False
             if distillation is not None:
                 distillation.build(self.models)
@@ -369,10 +384,10 @@ class GraftTrainer:
             self._ensemble_tracker = steps_lib.Tracker(self.metric_specs, "_ensemble")
         self._step = steps_lib.PeerStep(self.models, self.optimizers, self.loss, self._trackers, distillation,
                                         self._ensemble_tracker, self.ensemble.probabilities, self._healthy)
-        self._ring = None
+        self._rounds = None
         if self.grafting is not None:
-            g = self.grafting
-            self._ring = grafting_lib.RingGrafter(self.models, g.criterion, g.a, g.c, g.level, g.layers)
+            with self.strategy.scope():  # a scion's state (attached to each model) is created here
+                self._rounds = rounds_lib.MemberRounds(self.models, self.grafting, graft_source)
         self._backup = None
         if backup_dir is not None:
             # Seed generator states (Dropout, ...) are not weights: listed explicitly so a resume is exact.
@@ -666,8 +681,8 @@ class GraftTrainer:
           epochs: train until this epoch (as Keras: ``epochs - initial_epoch`` epochs).
           batch_size: global batch per model; must be divisible by the number of replicas.
           validation_data: a tf.data.Dataset of (x, y) (batched or not) or a tuple (x, y) of arrays.
-          callbacks: Keras callbacks; ``callback.model`` is :attr:`ensemble`. FilterStats callbacks without
-            models measure the peers.
+          callbacks: Keras callbacks; ``callback.model`` is :attr:`ensemble`, whose ``peers`` are the models and
+            ``peer_optimizers`` their optimizers (FilterStats and RePr read them).
           steps_per_epoch: steps per epoch (needed for infinite data).
           initial_epoch: first epoch; a checkpoint in ``backup_dir`` from a later epoch takes precedence.
           validation_batch_size: batch for unbatched validation data (default ``batch_size`` or 32).
@@ -735,13 +750,9 @@ class GraftTrainer:
     def _callback_list(self, callbacks, verbose, epochs, steps):
         callbacks = list(callbacks or [])
         for callback in callbacks:
-            if isinstance(callback, callbacks_lib.Grafting) and callback.peers is None:
+            if _holds_graft_settings(callback) and callback.peers is None:
                 raise ValueError("Pass the Grafting settings as GraftTrainer(grafting=Grafting(...)); the trainer "
                                  "grafts its models in a ring.")
-            if isinstance(callback, callbacks_lib.FilterStats) and callback.models is None:
-                callback.models = self.models
-            if isinstance(callback, reactivation.RePr) and callback.models is None:
-                callback.models, callback.optimizers = self.models, self.optimizers
         return keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
                                             model=self.ensemble, verbose=verbose, epochs=epochs, steps=steps)
 
@@ -802,18 +813,19 @@ class GraftTrainer:
 
     def _idle_graft_logs(self):
         """Graft logs of an epoch that no round opened (none without grafting)."""
-        return {} if self._ring is None else callbacks_lib.idle_ring_logs(self.num_models)
+        return {} if self._rounds is None else self._rounds.idle_logs()
 
     def _graft(self, finished_epoch):
         """The round after (0-based) ``finished_epoch``, when one is due; returns its logs."""
-        if self._ring is None or not self.grafting.round_due(finished_epoch):
+        if self._rounds is None or not self.grafting.round_due(finished_epoch):
             return self._idle_graft_logs()
         with self.strategy.scope():
-            logs = callbacks_lib.ring_logs(self._ring(self._healthy.numpy().tolist()))
-        if self.grafting.verbose:
-            keras_internals.print_msg(f"Grafting {self.num_models} models in a ring, round after epoch "
+            logs = self._rounds(finished_epoch, self._healthy.numpy().tolist())
+        if self._graft_verbose:
+            how = "in a ring" if self._rounds.sources is None else "each from its own scion"
+            keras_internals.print_msg(f"Grafting {self.num_models} models {how}, round after epoch "
                                       f"{finished_epoch + 1} (means over the models, layers summed): "
-                                      f"{callbacks_lib.round_summary(logs)}")
+                                      f"{rounds_lib.round_summary(logs)}")
         return logs
 
     def _evaluate(self, distributed_data, callback_list=None):

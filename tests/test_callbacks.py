@@ -212,7 +212,7 @@ class GraftingCallbackTest(tf.test.TestCase):
         self.assertEqual(quiet, [])
 
     def test_several_peers_average_alpha_spread_and_distance(self):
-        logs = keras_graft.callbacks.merge_logs([keras_graft.GraftResult(["a"], [0.4], [False], [0.1], 0.2),
+        logs = keras_graft.rounds.merge_logs([keras_graft.GraftResult(["a"], [0.4], [False], [0.1], 0.2),
                                                   keras_graft.GraftResult(["a"], [0.7], [False], [0.2], 0.4)])
         self.assertAllClose([logs["graft_alpha"], logs["graft_alpha_spread"], logs["graft_peer_distance"]],
                             [0.55, 0.15, 0.3])

@@ -228,6 +228,25 @@ class GraftingTest(tf.test.TestCase, parameterized.TestCase):
         for key in ("loss", "loss_0", "accuracy_1", "accuracy_ensemble", "loss_ensemble"):
             self.assertAllClose(history.history[f"val_{key}"][-1], results[key], rtol=1e-6)
 
+    def test_scion_grafts_each_peer_from_its_own_copy(self):
+        x, y = tiny_data(16)
+        peers = make_peers(2, optimizer=keras.optimizers.SGD(0.0))  # only the scion changes the weights
+        record = OnEpochBegin()
+        scion = keras_graft.NoiseScion(threshold=1e3, seed=0)  # every filter is invalid: all take noise
+        history = peers.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[keras_graft.Grafting(scion), record])
+        self.assertEqual(history.history["scion_filters_1"], [0, 4])
+        self.assertEqual(history.history["scion_filters"], [0, 8])
+        self.assertEqual(history.history["graft_alpha_0"], [1.0, 1.0])
+        changes = []
+        for k in range(2):
+            copy = build_model()
+            copy.set_weights(record.weights[0][k])
+            scion.for_member(k).apply(copy, 0)  # round 0: the round after epoch 0
+            for expected, actual in zip(copy.get_weights(), record.weights[1][k]):
+                self.assertAllEqual(expected, actual)
+            changes.append(record.weights[1][k][0] - record.weights[0][k][0])
+        self.assertNotAllClose(changes[0], changes[1])
+
     def test_nonfinite_peer_is_not_mixed_in(self):
         x, y = tiny_data(16)
         peers = make_peers(2)

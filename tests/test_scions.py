@@ -1,6 +1,8 @@
 """Noise and internal scions against NumPy: which filters they touch, the noise schedule, the rank pairing,
 model.fit, MirroredStrategy and bad input."""
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -269,6 +271,162 @@ class FitTest(tf.test.TestCase):
             path = kernel_of(model, layer, attribute).path
             self.assertTrue(np.all(snapshot.begin[1][path] != snapshot.weights[0][path]))
         self.assertAllEqual(snapshot.begin[1]["head/kernel"], snapshot.weights[0]["head/kernel"])
+
+
+class Interrupt(keras.callbacks.Callback):
+    """Raises after the given (0-based) epoch ends, as a killed process would stop."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
+
+
+def small_conv_net(seed=0):
+    """Conv2D(4) -> Flatten -> Dense(3) on 6x6x2 inputs; filters 0 and 1 of the convolution are invalid."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(3, name="head")])
+    kernel = model.get_layer("conv").kernel
+    kernel.assign(kernel.numpy() * np.array([1e-4, 1e-4, 1.0, 1.0], np.float32))
+    return model
+
+
+def small_data(n=16):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(n, 6, 6, 2)).astype(np.float32), np.arange(n) % 3
+
+
+class ScionStateTest(tf.test.TestCase):
+    """The drawn seed is a variable attached to the grafted model: checkpoints carry it."""
+
+    def test_seed_is_a_variable_outside_the_weights(self):
+        model = small_conv_net()
+        scion = scions.NoiseScion(seed=None)
+        weights = len(model.weights)
+        state = scion.track(model)
+        self.assertEqual(int(state.seed.numpy()), scion._seed)
+        self.assertIs(scion.track(model), state)
+        self.assertLen(model.weights, weights)
+        self.assertNotIn(state, model.layers)
+        path = os.path.join(self.get_temp_dir(), "seed.weights.h5")
+        model.save_weights(path)
+        other = small_conv_net()
+        other_state = scions.NoiseScion(seed=None).track(other)
+        other_state.seed.assign(scion._seed + 1)
+        other.load_weights(path)
+        self.assertEqual(int(other_state.seed.numpy()), scion._seed)
+
+    def test_fit_with_backup_and_restore_resumes_the_drawn_seed(self):
+        x, y = small_data()
+
+        def run(scion, backup_dir=None, interrupt=None, epochs=4):
+            model = small_conv_net()
+            model.compile(optimizer=keras.optimizers.SGD(0.05),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            callbacks = [keras_graft.Grafting(scion)]
+            if backup_dir is not None:
+                callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
+            if interrupt is not None:
+                callbacks.append(Interrupt(interrupt))
+            model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
+            return model
+
+        # Threshold 1e3: every filter is invalid, so every round adds noise.
+        interrupted = scions.NoiseScion(threshold=1e3, seed=None)
+        backup = os.path.join(self.get_temp_dir(), "fit_backup")
+        with self.assertRaises(KeyboardInterrupt):
+            run(interrupted, backup, interrupt=1)
+        restarted = scions.NoiseScion(threshold=1e3, seed=None)
+        self.assertNotEqual(restarted._seed, interrupted._seed)
+        resumed = run(restarted, backup)
+        full = run(scions.NoiseScion(threshold=1e3, seed=interrupted._seed))
+        other_seed = run(scions.NoiseScion(threshold=1e3, seed=restarted._seed))
+        for a, b in zip(full.weights, resumed.weights):
+            self.assertAllEqual(a.numpy(), b.numpy(), msg=a.path)
+        self.assertNotAllClose(other_seed.get_layer("conv").kernel.numpy(), resumed.get_layer("conv").kernel.numpy())
+
+
+class TrainerScionTest(tf.test.TestCase):
+    """GraftTrainer(grafting=Grafting(scion)): each model grafts from its own copy, with the ring's timing."""
+
+    def make_trainer(self, scion, **kwargs):
+        return keras_graft.GraftTrainer(small_conv_net, 2, loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True), grafting=keras_graft.Grafting(scion), seed=1, **kwargs)
+
+    def test_noise_scion_per_model(self):
+        x, y = small_data()
+        # Learning rate 0: only the scion changes the weights; both models start from model 0's weights.
+        trainer = self.make_trainer(scions.NoiseScion(seed=0), optimizer=keras.optimizers.SGD(0.0),
+                                    shared_initialization=True)
+        before = [[w.numpy() for w in m.weights] for m in trainer.models]
+        ends = []
+        record = keras.callbacks.LambdaCallback(
+            on_epoch_end=lambda epoch, logs: ends.append([[w.numpy() for w in m.weights] for m in trainer.models]))
+        history = trainer.fit((x, y), epochs=3, batch_size=8, verbose=0, callbacks=[record])
+        self.assertEqual(history.history["scion_filters_0"], [0, 2, 0])  # no round opens epoch 0
+        self.assertEqual(history.history["scion_filters"], [0, 4, 0])
+        self.assertEqual(history.history["graft_alpha_1"], [1.0, 1.0, 1.0])  # a scion does not scale the weights
+        self.assertEqual(history.history["graft_layers"], [0, 2, 0])
+        self.assertEqual(history.history["graft_peer_distance_0"], [0.0, 0.0, 0.0])
+        self.assertAllEqual(ends[0][0][0], before[0][0])  # epoch 0: nothing grafted
+        for k in range(2):
+            kernel, old = ends[1][k][0], before[k][0]
+            self.assertTrue(np.all(kernel[..., :2] != old[..., :2]))  # invalid filters took noise
+            self.assertAllEqual(kernel[..., 2:], old[..., 2:])  # valid filters unchanged
+            for new, previous in zip(ends[1][k][1:], before[k][1:]):
+                self.assertAllEqual(new, previous)  # bias and Dense unchanged
+        self.assertAllEqual(before[0][0], before[1][0])
+        self.assertNotAllClose(ends[1][0][0][..., :2], ends[1][1][0][..., :2])  # each model its own noise
+        own = scions.NoiseScion(seed=0).for_member(1)
+        model = small_conv_net()
+        model.set_weights(before[1])
+        own.apply(model, 0)
+        self.assertAllEqual(model.weights[0].numpy(), ends[1][1][0])  # model 1: the copy for_member(1), round 0
+
+    def test_internal_scion_and_ring_timing(self):
+        x, y = small_data()
+        trainer = keras_graft.GraftTrainer(
+            small_conv_net, 2, optimizer=keras.optimizers.SGD(0.0),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), seed=1,
+            grafting=keras_graft.Grafting(scions.InternalScion(), every_n_epochs=2, final_graft=True))
+        before = [m.weights[0].numpy() for m in trainer.models]
+        history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        self.assertEqual(history.history["scion_filters_1"], [0, 0])  # the round after epoch 2 is the final one
+        for k, model in enumerate(trainer.models):
+            columns = before[k].reshape(-1, 4)
+            order = np.argsort(np.abs(columns).sum(axis=0), kind="stable")
+            expected = columns.copy()
+            for i in (0, 1):
+                expected[:, order[i]] += columns[:, order[3 - i]]
+            self.assertAllEqual(model.weights[0].numpy(), expected.reshape(before[k].shape))
+
+    def test_backup_dir_resumes_the_drawn_seed(self):
+        x, y = small_data()
+
+        def run(scion, backup_dir=None, interrupt=None):
+            trainer = self.make_trainer(scion, optimizer=keras.optimizers.SGD(0.05), backup_dir=backup_dir)
+            callbacks = [] if interrupt is None else [Interrupt(interrupt)]
+            trainer.fit((x, y), epochs=4, batch_size=8, verbose=0, callbacks=callbacks)
+            return trainer
+
+        interrupted = scions.NoiseScion(threshold=1e3, seed=None)
+        backup = os.path.join(self.get_temp_dir(), "trainer_backup")
+        with self.assertRaises(KeyboardInterrupt):
+            run(interrupted, backup, interrupt=1)
+        restarted = scions.NoiseScion(threshold=1e3, seed=None)
+        resumed = run(restarted, backup)
+        full = run(scions.NoiseScion(threshold=1e3, seed=interrupted._seed))
+        for a, b in zip(full.ensemble.get_weights(), resumed.ensemble.get_weights()):
+            self.assertAllEqual(a, b)
+        self.assertNotEqual(restarted._seed, interrupted._seed)
+
+    def test_sources_without_copies_are_refused(self):
+        with self.assertRaisesRegex(ValueError, "peers=None"):
+            self.make_trainer(small_conv_net(), optimizer="sgd")
 
 
 class StrategyTest(tf.test.TestCase):

@@ -492,6 +492,27 @@ class SharedDirectoryTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "already grafted round 3.*initial_epoch"):
             source.graft_round(grafter, 3)
 
+    def test_last_round_is_a_variable_that_checkpoints_carry(self):
+        self.publish_as(1, self.peer, 3)
+        source = self.directory()
+        source.graft_round(grafting.Grafter(self.model), 3)
+        state = source.track(self.model)
+        self.assertEqual(int(state.last_round.numpy()), 3)
+        self.assertLen(self.model.weights, len(self.peer.weights))  # not one of the model's weights
+        path = os.path.join(self.get_temp_dir(), "rank0.weights.h5")
+        self.model.save_weights(path)
+        prefix = tf.train.Checkpoint(model=self.model).write(os.path.join(self.get_temp_dir(), "rank0_ckpt"))
+        for restore in (lambda model: model.load_weights(path),
+                        lambda model: tf.train.Checkpoint(model=model).read(prefix).assert_existing_objects_matched()):
+            restarted = tiny.build_model(0)
+            other = sd.SharedDirectory(self.dir, 0, 2)
+            restarted_state = other.track(restarted)
+            self.assertEqual(int(restarted_state.last_round.numpy()), -1)
+            restore(restarted)
+            self.assertEqual(int(restarted_state.last_round.numpy()), 3)
+            with self.assertRaisesRegex(ValueError, "already grafted round 3"):
+                other.graft_round(grafting.Grafter(restarted), 3)
+
     def test_unrestored_round_overwrites_its_own_file(self):
         self.publish_as(0, self.peer, 5)  # left by the process before the restart
         self.publish_as(1, self.peer, 5)

@@ -343,7 +343,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         self.assertEqual(history.epoch, [0, 1])
         self.assertLen(first_epoch_weights, 2 * len(trainer.models[0].weights))
         self.assertLess(max_difference(trainer.ensemble.get_weights(), first_epoch_weights), 1e-7)
-        self.assertIs(stats.models, trainer.models)
+        self.assertIsNone(stats.models)  # it measures the ensemble's peers: the trainer does not rewire it
+        for exposed, own in ((trainer.ensemble.peers, trainer.models),
+                             (trainer.ensemble.peer_optimizers, trainer.optimizers)):
+            self.assertEqual([id(o) for o in exposed], [id(o) for o in own])
         for key in ("loss", "loss_0", "accuracy_1", "val_loss_0", "val_accuracy_ensemble", "val_loss_ensemble",
                     "graft_alpha_0", "graft_alpha", "invalid_filters_0", "mean_entropy_1", "learning_rate_1",
                     "nonfinite_models"):
@@ -676,6 +679,22 @@ class BadInputTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(error, message):
             trainer.fit((x, y), batch_size=8, validation_data=make(x, y))
         self.assertEqual(int(trainer.optimizers[0].iterations.numpy()), 0)  # Nothing trained before the error.
+
+    def test_trainer_imports_neither_callbacks_nor_reactivation(self):
+        import ast
+        from keras_graft import trainer as trainer_module
+
+        with open(trainer_module.__file__) as f:
+            tree = ast.parse(f.read())
+        imported = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                imported |= {f"{node.module}.{alias.name}" for alias in node.names} | {node.module}
+            elif isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+        self.assertIn("keras_graft.rounds", imported)
+        for module in ("keras_graft.callbacks", "keras_graft.reactivation"):
+            self.assertNotIn(module, imported)
 
     def test_grafting_callback_in_callbacks(self):
         x, y = tiny_data(16)

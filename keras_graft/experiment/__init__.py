@@ -373,26 +373,19 @@ def graft_rounds(cfg):
     """How many graft (or scion) rounds a resolved config runs; None for methods that do not graft."""
     if cfg.method not in _GRAFT_METHODS:
         return None
-    if cfg.source == "external":  # Between epochs, none after the final one (keras_graft.Grafting).
-        timing = keras_graft.Grafting(every_n_epochs=cfg.graft_every)
-        return sum(1 for epoch in range(cfg.epochs - 1) if timing.round_due(epoch))
-    return sum(1 for epoch in range(cfg.epochs) if ScionRounds.round_due(epoch, cfg.graft_every))
+    timing = keras_graft.GraftConfig(every_n_epochs=cfg.graft_every)  # between epochs, none after the final one
+    return sum(1 for epoch in range(cfg.epochs - 1) if timing.round_due(epoch))
 
 
 def run_warnings(cfg, steps_per_epoch=None):
     """Messages about a resolved config that will run but not do what its method is for."""
     messages = []
     if graft_rounds(cfg) == 0:
-        if cfg.source == "external":
-            messages.append(
-                f"--graft_every={cfg.graft_every} with --epochs={cfg.epochs}: no graft will happen. A round runs "
-                f"between two epochs, after epochs {cfg.graft_every}, {2 * cfg.graft_every}, ..., and none follows "
-                f"the final epoch; use --epochs={cfg.graft_every + 1} or more, or a smaller --graft_every.")
-        else:
-            messages.append(
-                f"--graft_every={cfg.graft_every} with --epochs={cfg.epochs}: no scion will be grafted (rounds "
-                f"run after epochs {cfg.graft_every}, {2 * cfg.graft_every}, ...); use --epochs={cfg.graft_every} "
-                "or more.")
+        what = "no graft will happen" if cfg.source == "external" else "no scion will be grafted"
+        messages.append(
+            f"--graft_every={cfg.graft_every} with --epochs={cfg.epochs}: {what}. A round runs between two epochs, "
+            f"after epochs {cfg.graft_every}, {2 * cfg.graft_every}, ..., and none follows the final epoch; use "
+            f"--epochs={cfg.graft_every + 1} or more, or a smaller --graft_every.")
     if cfg.method == "repr":
         units = cfg.epochs * (steps_per_epoch or 0) if cfg.repr_unit == "step" else cfg.epochs
         if (cfg.repr_unit == "epoch" or steps_per_epoch) and units <= cfg.repr_s1:
@@ -498,39 +491,6 @@ def load_trained(weights_path, spec):
 # ---------------------------------------------------------------------------------------------------------------
 # Callbacks
 # ---------------------------------------------------------------------------------------------------------------
-
-
-# Replaced by GraftTrainer(grafting=Grafting(scion)) once available.
-class ScionRounds(keras.callbacks.Callback):
-    """Applies a scion (NoiseScion / InternalScion) to every model of a GraftTrainer every ``every`` epochs.
-
-    One scion per model, so each NoiseScion draws its own noise. Runs in the strategy's scope, outside
-    ``strategy.run``, so every replica gets the same values. Adds ``scion_filters`` (filters grafted this round,
-    all models) and ``scion_filters_<k>`` to the logs.
-    """
-
-    def __init__(self, scions, models_, strategy, every=1):
-        super().__init__()
-        self.scions = list(scions)
-        self.models_ = list(models_)
-        self.strategy = strategy
-        self.every = every
-
-    @staticmethod
-    def round_due(epoch, every):
-        """Whether a round follows (0-based) epoch ``epoch``: after epochs every, 2 * every, ..., the last included."""
-        return (epoch + 1) % every == 0
-
-    def on_epoch_end(self, epoch, logs=None):
-        if not self.round_due(epoch, self.every):
-            counts = [0] * len(self.models_)
-        else:
-            with self.strategy.scope():
-                counts = [scion.apply(model, epoch).filters for scion, model in zip(self.scions, self.models_)]
-        if logs is not None:
-            logs["scion_filters"] = int(sum(counts))
-            if len(counts) > 1:
-                logs.update({f"scion_filters_{k}": int(n) for k, n in enumerate(counts)})
 
 
 class EpochLogger(keras.callbacks.Callback):
@@ -738,11 +698,20 @@ def _schedule(cfg):
     return cfg.schedule
 
 
+def _source(cfg):
+    """The information source of a graft method: None (the models' ring) or a scion (one copy per model)."""
+    if cfg.source == "noise":
+        return keras_graft.NoiseScion(threshold=cfg.threshold, sigma_decay=cfg.sigma_decay, seed=cfg.seed)
+    if cfg.source == "internal":
+        return keras_graft.InternalScion(threshold=cfg.threshold)
+    return None
+
+
 def _trainer(cfg, spec, strategy):
     kwargs = {}
-    if cfg.method in _GRAFT_METHODS and cfg.source == "external":
-        kwargs["grafting"] = keras_graft.Grafting(criterion=cfg.criterion, a=cfg.a, c=cfg.c, level=cfg.level,
-                                                  every_n_epochs=cfg.graft_every)
+    if cfg.method in _GRAFT_METHODS:
+        kwargs["grafting"] = keras_graft.Grafting(_source(cfg), criterion=cfg.criterion, a=cfg.a, c=cfg.c,
+                                                  level=cfg.level, every_n_epochs=cfg.graft_every)
     if cfg.method in _DISTILL_METHODS:
         teachers = [cfg.teacher] if cfg.method == "cultivate" else []
         kwargs["distillation"] = keras_graft.Distillation(teachers, temperature=cfg.temperature,
@@ -754,21 +723,12 @@ def _trainer(cfg, spec, strategy):
         backup_dir=cfg.backup_dir, data_order="shared" if cfg.method == "mutual" else "per_model", **kwargs)
 
 
-def _method_callbacks(cfg, trainer, strategy):
-    """(callbacks of the method, the RePr callback or None)."""
-    if cfg.method == "repr":
-        repr_cb = keras_graft.RePr(s1=cfg.repr_s1, s2=cfg.repr_s2, prune_ratio=cfg.repr_ratio, cycles=cfg.repr_cycles,
-                                   unit=cfg.repr_unit, seed=cfg.seed)
-        repr_cb.models, repr_cb.optimizers = trainer.models, trainer.optimizers
-        return [repr_cb], repr_cb
-    if cfg.method in _GRAFT_METHODS and cfg.source == "noise":
-        scions = [keras_graft.NoiseScion(threshold=cfg.threshold, sigma_decay=cfg.sigma_decay,
-                                         seed=cfg.seed * 1000 + k) for k in range(cfg.num_models)]
-        return [ScionRounds(scions, trainer.models, strategy, cfg.graft_every)], None
-    if cfg.method in _GRAFT_METHODS and cfg.source == "internal":
-        scions = [keras_graft.InternalScion(threshold=cfg.threshold) for _ in range(cfg.num_models)]
-        return [ScionRounds(scions, trainer.models, strategy, cfg.graft_every)], None
-    return [], None
+def _repr_callback(cfg):
+    """The RePr callback of the repr method (it acts on the trainer's models, read from its PeerEnsemble)."""
+    if cfg.method != "repr":
+        return None
+    return keras_graft.RePr(s1=cfg.repr_s1, s2=cfg.repr_s2, prune_ratio=cfg.repr_ratio, cycles=cfg.repr_cycles,
+                            unit=cfg.repr_unit, seed=cfg.seed)
 
 
 def run(cfg, log=logging.info, strategy=None, overwrite=False):
@@ -793,7 +753,7 @@ def run(cfg, log=logging.info, strategy=None, overwrite=False):
     log(f"Output folder: {out_dir}")
 
     trainer = _trainer(cfg, spec, strategy)
-    method_callbacks, repr_cb = _method_callbacks(cfg, trainer, strategy)
+    repr_cb = _repr_callback(cfg)
     train_fn, steps, test, validation = _data(cfg, dsinfo, strategy)
     for message in run_warnings(cfg, steps):
         logging.warning(message)
@@ -805,7 +765,7 @@ def run(cfg, log=logging.info, strategy=None, overwrite=False):
     test_size = min(cfg.test_subset or dsinfo.test_size, dsinfo.test_size)
     val_size = min(cfg.val_subset or test_size, dsinfo.test_size)
     progress = EpochLogger(log, cfg.epochs, cfg.num_models, val_images=val_size if val_size < test_size else None)
-    callbacks = [keras_graft.FilterStats(thresholds=list(THRESHOLDS)), *method_callbacks, progress]
+    callbacks = [keras_graft.FilterStats(thresholds=list(THRESHOLDS)), *([repr_cb] if repr_cb else []), progress]
     log_csv = None
     if chief:
         os.makedirs(cfg.log_dir, exist_ok=True)
