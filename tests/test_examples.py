@@ -145,7 +145,7 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
     )
     def test_method(self, args, method, num_models):
         results = _run_train(*_TINY, *args, self.out(self._testMethodName))
-        self.check_results(results, method, num_models)
+        self.check_results(results, method, num_models, epochs=2 if "--epochs=2" in args else 1)
         if "--source=noise" in args:
             # The round after epoch 1 opens epoch 2 (none after the final epoch); threshold 100: every filter.
             self.assertEqual(results["history"]["scion_filters"], [0, results["filters_per_model"]])

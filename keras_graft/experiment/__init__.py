@@ -709,9 +709,11 @@ def _source(cfg):
 
 def _trainer(cfg, spec, strategy):
     kwargs = {}
-    if cfg.method in _GRAFT_METHODS:
-        kwargs["grafting"] = keras_graft.Grafting(_source(cfg), criterion=cfg.criterion, a=cfg.a, c=cfg.c,
-                                                  level=cfg.level, every_n_epochs=cfg.graft_every)
+    if cfg.method in _GRAFT_METHODS and cfg.source == "external":
+        kwargs["grafting"] = keras_graft.GraftConfig(criterion=cfg.criterion, a=cfg.a, c=cfg.c, level=cfg.level,
+                                                     every_n_epochs=cfg.graft_every)
+    elif cfg.method in _GRAFT_METHODS:  # a scion per model, with the ring's timing
+        kwargs["grafting"] = keras_graft.Grafting(_source(cfg), every_n_epochs=cfg.graft_every)
     if cfg.method in _DISTILL_METHODS:
         teachers = [cfg.teacher] if cfg.method == "cultivate" else []
         kwargs["distillation"] = keras_graft.Distillation(teachers, temperature=cfg.temperature,
