@@ -39,6 +39,7 @@ import keras
 import numpy as np
 
 import keras_graft
+from keras_graft import criteria
 from keras_graft import datasets
 from keras_graft import models
 from keras_graft.trainer import GraftTrainer
@@ -148,6 +149,10 @@ def _run(method, seed, config):
               "cpu_seconds_per_epoch_median": float(np.median([r["cpu_seconds"] for r in curves.rows])) if curves.rows
               else None, "fit_seconds": round(time.perf_counter() - start, 1),
               "resumed": len(curves.rows) < FLAGS.epochs, "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    # RePr's mechanism: the mean overlap of each convolution's filters (its own criterion, lower = more orthogonal).
+    convolutions = [layer for layer in trainer.models[0].layers if isinstance(layer, keras.layers.Conv2D)]
+    record["final_overlap"] = [round(float(criteria.Orthogonality()(layer.kernel, per_filter=False)), 5)
+                               for layer in convolutions]
     if repr_callback is not None:
         record["repr_events"] = [{k: e[k] for k in ("event", "cycle", "unit", "dropped", "levels") if k in e}
                                  for e in repr_callback.history]
@@ -196,6 +201,12 @@ def report():
         lines.append(f"| {s} | {100 * b['final_val_accuracy']:.2f} | {100 * r['final_val_accuracy']:.2f} | "
                      f"{100 * diffs[-1]:+.2f} | {100 * last4(b):.2f} | {100 * last4(r):.2f} | {100 * diffs4[-1]:+.2f} | "
                      f"{100 * b['best_val_accuracy']:.2f} | {100 * r['best_val_accuracy']:.2f} |")
+    overlaps = [(np.mean(by[("baseline", s)]["final_overlap"]), np.mean(by[("repr", s)]["final_overlap"]))
+                for s in seeds if "final_overlap" in by[("baseline", s)] and "final_overlap" in by[("repr", s)]]
+    if overlaps:
+        lines.append("\nFinal filter overlap (RePr's criterion, mean over the convolutions; lower = more orthogonal): "
+                     "baseline " + ", ".join(f"{b:.4f}" for b, _ in overlaps) + "; RePr " +
+                     ", ".join(f"{r:.4f}" for _, r in overlaps) + ".")
     for name, values in (("final", diffs), ("mean of the last 4 epochs", diffs4)):
         std = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
         lines.append(f"\nPaired difference (RePr - baseline, {name}, validation accuracy): "

@@ -15,21 +15,10 @@ from keras_graft.trainer import PeerEnsemble as PeerEnsembleFromTrainer
 import testing_utils
 from test_trainer import LOGITS_LOSS, build_model, max_difference, tiny_data
 
-STRATEGIES = (("default", None), ("one_device", "one_device"), ("mirrored", "mirrored"))
-
-
-def get_strategy(name):
-    if name is None:
-        return tf.distribute.get_strategy()
-    if name == "one_device":
-        return tf.distribute.OneDeviceStrategy("/cpu:0")
-    return testing_utils.mirrored_strategy()
-
-
-def make_peers(n=2, seed=1, batch_norm=False, strategy=None, **compile_kwargs):
+def make_peers(n=2, seed=1, batch_norm=False, strategy="default", **compile_kwargs):
     """N tiny peers in a compiled PeerEnsemble, created in the strategy's scope."""
     keras.utils.set_random_seed(seed)
-    with get_strategy(strategy).scope():
+    with testing_utils.strategy(strategy).scope():
         peers = keras_graft.PeerEnsemble([build_model(batch_norm=batch_norm) for _ in range(n)])
         compile_kwargs.setdefault("optimizer", keras.optimizers.SGD(0.1, momentum=0.9))
         peers.compile(loss=LOGITS_LOSS, metrics=["accuracy"], **compile_kwargs)
@@ -66,7 +55,7 @@ class StopAfter(keras.callbacks.Callback):
 
 class TrainingTest(tf.test.TestCase, parameterized.TestCase):
 
-    @parameterized.named_parameters(*STRATEGIES)
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
     def test_each_peer_trains_as_keras_would_train_it_alone(self, strategy):
         """One fit of the ensemble = one Keras fit per peer, each with its own optimizer and learning rate."""
         x, y = tiny_data(32)
@@ -208,7 +197,7 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
 
 class GraftingTest(tf.test.TestCase, parameterized.TestCase):
 
-    @parameterized.named_parameters(("default", None), ("mirrored", "mirrored"))
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
     def test_ring_graft_and_logged_validation_is_what_fit_returns(self, strategy):
         x, y = tiny_data(32)
         peers = make_peers(2, strategy=strategy, batch_norm=True, lr_spread=True)

@@ -86,8 +86,16 @@ class ModelsTest(tf.test.TestCase, parameterized.TestCase):
             models.vgg16_bn(num_classes=0)
 
     def test_unknown_name(self):
-        with self.assertRaisesRegex(ValueError, "'resnet18'.*mobilenetv2, resnet110, resnet110_leaky"):
+        with self.assertRaisesRegex(ValueError, "'resnet_18'.*mobilenetv2, resnet110, resnet110_leaky.*resnet<6n\\+2>"):
+            models.get("resnet_18")
+        with self.assertRaisesRegex(ValueError, "depth must be 6n \\+ 2 .* got 18"):
             models.get("resnet18")
+
+    def test_names_with_other_depths_and_widths(self):
+        self.assertEqual(models.get("resnet8", input_shape=(8, 8, 1)).count_params(),
+                         models.cifar_resnet(8, input_shape=(8, 8, 1)).count_params())
+        self.assertEqual(models.get("wrn16_2", input_shape=(8, 8, 1)).count_params(),
+                         models.wide_resnet(16, 2, input_shape=(8, 8, 1)).count_params())
 
     def test_available(self):
         expected = ["convnet3", "mobilenetv2", "vgg16_bn", "wrn28_10"]

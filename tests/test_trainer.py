@@ -134,17 +134,19 @@ class LearningRateTest(tf.test.TestCase, parameterized.TestCase):
 
 class TrainerTest(tf.test.TestCase, parameterized.TestCase):
 
-    def test_default_and_mirrored_give_the_same_weights(self):
+    def _fit_weights_and_losses(self, strategy):
         x, y = tiny_data(32)
-        weights = {}
-        for name, strategy in (("default", None), ("mirrored", testing_utils.mirrored_strategy())):
-            trainer = make_trainer(2, strategy=strategy)
-            self.assertEqual(trainer.strategy.num_replicas_in_sync, 1 if strategy is None else 2)
-            history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
-            weights[name] = [w for model in trainer.models for w in model.get_weights()]
-            weights[name + "_loss"] = history.history["loss_1"]
-        self.assertLess(max_difference(weights["default"], weights["mirrored"]), 1e-5)
-        self.assertAllClose(weights["default_loss"], weights["mirrored_loss"], atol=1e-5)
+        trainer = make_trainer(2, strategy=strategy)
+        history = trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
+        return trainer, [w for model in trainer.models for w in model.get_weights()], history.history["loss_1"]
+
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
+    def test_every_strategy_gives_the_default_strategy_weights(self, strategy):
+        trainer, weights, losses = self._fit_weights_and_losses(testing_utils.strategy(strategy))
+        self.assertEqual(trainer.strategy.num_replicas_in_sync, 2 if strategy == "mirrored" else 1)
+        _, reference_weights, reference_losses = self._fit_weights_and_losses(None)
+        self.assertLess(max_difference(reference_weights, weights), 1e-5)
+        self.assertAllClose(reference_losses, losses, atol=1e-5)
 
     def test_keras_loss_divides_by_the_number_of_replicas(self):
         """The trap the train step relies on: the default reduction already scales by 1 / replicas."""
