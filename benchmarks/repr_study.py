@@ -41,6 +41,7 @@ import numpy as np
 import keras_graft
 from keras_graft import criteria
 from keras_graft import datasets
+from keras_graft import experiment
 from keras_graft import models
 from keras_graft.trainer import GraftTrainer
 
@@ -167,20 +168,8 @@ def _run(method, seed, config):
     return record
 
 
-def _records(path):
-    records = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
-    return records
-
-
 def report():
-    records = _records(FLAGS.output)
+    records = experiment.read_jsonl(FLAGS.output)
     key = _config()["key"]
     by = {(r["method"], r["seed"]): r for r in records if r["config"]["key"] == key}
     seeds = sorted({s for m, s in by if m == "baseline" and ("repr", s) in by})
@@ -231,7 +220,7 @@ def main(argv):
     if not 0 < FLAGS.train_subset <= 55_000:
         raise app.UsageError("--train_subset must lie in [1, 55000]: the last 5000 training images validate.")
     config = _config()
-    done = {(r["method"], r["seed"]) for r in _records(FLAGS.output) if r["config"]["key"] == config["key"]}
+    done = {(r["method"], r["seed"]) for r in experiment.read_jsonl(FLAGS.output) if r["config"]["key"] == config["key"]}
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     for seed in map(int, FLAGS.seeds):
         for method in FLAGS.methods:
@@ -240,8 +229,7 @@ def main(argv):
             if (method, seed) in done:
                 continue
             record = _run(method, seed, config)
-            with open(FLAGS.output, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            experiment.append_jsonl(FLAGS.output, record)
     report()
 
 

@@ -10,7 +10,6 @@ from absl import logging
 from keras_graft import checks
 from keras_graft import config as config_lib
 from keras_graft import criteria as criteria_lib
-from keras_graft import grafting
 from keras_graft import keras_internals
 from keras_graft import layouts
 from keras_graft import peers as peers_lib

@@ -22,9 +22,8 @@ from absl import flags
 from absl.testing import flagsaver
 from absl.testing import parameterized
 
-from keras_graft import datasets
 
-import testing_utils  # noqa: F401  (splits the CPU before TensorFlow starts)
+import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _EXAMPLES = os.path.join(_ROOT, "examples")
@@ -45,15 +44,7 @@ _TINY = ["--dataset=fashion_mnist_local", "--model=resnet8", "--width=2", "--epo
          "--train_subset=64", "--test_subset=64", "--tensorboard=false"]
 
 
-def _data_available():
-    try:
-        datasets.load("fashion_mnist_local", "test", batch_size=8, subset=8)
-        return True
-    except datasets.DatasetUnavailableError:
-        return False
-
-
-_DATA = _data_available()
+_DATA = testing_utils.fashion_mnist_available()
 
 
 def _run_train(*args):

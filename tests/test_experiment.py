@@ -21,18 +21,10 @@ from keras_graft import experiment
 from keras_graft.experiment import Config
 from keras_graft.experiment import resolve
 
-import testing_utils  # noqa: F401  (splits the CPU before TensorFlow starts)
+import testing_utils
 
 
-def _data_available():
-    try:
-        datasets.load("fashion_mnist_local", "test", batch_size=8, subset=8)
-        return True
-    except datasets.DatasetUnavailableError:
-        return False
-
-
-_DATA = _data_available()
+_DATA = testing_utils.fashion_mnist_available()
 _TINY = dict(dataset="fashion_mnist_local", model="resnet8", width=2, epochs=1, train_subset=64, test_subset=64,
              batch_size=32, tensorboard=False)
 

@@ -46,3 +46,15 @@ def strategy(name):
     if name == "mirrored":
         return mirrored_strategy()
     raise ValueError(f"Unknown strategy {name!r}; choose among {[n for n, _ in STRATEGIES]}.")
+
+
+@functools.lru_cache(maxsize=None)
+def fashion_mnist_available():
+    """Whether the real Fashion-MNIST IDX files (Debian's dataset-fashion-mnist) can be read."""
+    from keras_graft import datasets  # pylint: disable=import-outside-toplevel
+
+    try:
+        datasets.load("fashion_mnist_local", "test", batch_size=8, subset=8)
+        return True
+    except datasets.DatasetUnavailableError:
+        return False
