@@ -489,18 +489,6 @@ class DistributedTest(tf.test.TestCase):
             self.assertTrue(np.all(np.linalg.norm(rows[indices], axis=1) > 0))
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Raises KeyboardInterrupt at the end of epoch ``epoch`` (after the backups of the callbacks before it)."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
-
-
 def all_weights(model):
     return [w.numpy() for w in model.weights + model.optimizer.variables]
 
@@ -555,7 +543,7 @@ class CheckpointTest(tf.test.TestCase, parameterized.TestCase):
                 backup = keras.callbacks.BackupAndRestore(backup_dir)
                 callbacks = [backup, repr_callback] if backup_first else [repr_callback, backup]
             if interrupt is not None:
-                callbacks.append(Interrupt(interrupt))
+                callbacks.append(testing_utils.interrupt_after(interrupt))
             model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=callbacks)
             return model, repr_callback
 
@@ -586,7 +574,7 @@ class CheckpointTest(tf.test.TestCase, parameterized.TestCase):
             repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
             if user_sets_models:
                 repr_callback.models, repr_callback.optimizers = trainer.models, trainer.optimizers
-            callbacks = [repr_callback] + ([Interrupt(interrupt)] if interrupt is not None else [])
+            callbacks = [repr_callback] + ([testing_utils.interrupt_after(interrupt)] if interrupt is not None else [])
             trainer.fit((x, y), epochs=6, batch_size=8, verbose=0, callbacks=callbacks)
             return trainer, repr_callback
 

@@ -273,18 +273,6 @@ class FitTest(tf.test.TestCase):
         self.assertAllEqual(snapshot.begin[1]["head/kernel"], snapshot.weights[0]["head/kernel"])
 
 
-class Interrupt(keras.callbacks.Callback):
-    """Raises after the given (0-based) epoch ends, as a killed process would stop."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
-
-
 def small_conv_net(seed=0):
     """Conv2D(4) -> Flatten -> Dense(3) on 6x6x2 inputs; filters 0 and 1 of the convolution are invalid."""
     keras.utils.set_random_seed(seed)
@@ -331,7 +319,7 @@ class ScionStateTest(tf.test.TestCase):
             if backup_dir is not None:
                 callbacks.append(keras.callbacks.BackupAndRestore(backup_dir))
             if interrupt is not None:
-                callbacks.append(Interrupt(interrupt))
+                callbacks.append(testing_utils.interrupt_after(interrupt))
             model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0, callbacks=callbacks)
             return model
 
@@ -409,7 +397,7 @@ class TrainerScionTest(tf.test.TestCase):
 
         def run(scion, backup_dir=None, interrupt=None):
             trainer = self.make_trainer(scion, optimizer=keras.optimizers.SGD(0.05), backup_dir=backup_dir)
-            callbacks = [] if interrupt is None else [Interrupt(interrupt)]
+            callbacks = [] if interrupt is None else [testing_utils.interrupt_after(interrupt)]
             trainer.fit((x, y), epochs=4, batch_size=8, verbose=0, callbacks=callbacks)
             return trainer
 

@@ -58,3 +58,16 @@ def fashion_mnist_available():
         return True
     except datasets.DatasetUnavailableError:
         return False
+
+
+def interrupt_after(epoch):
+    """A Keras callback raising KeyboardInterrupt when (0-based) epoch ``epoch`` ends, after the callbacks before it
+    (backups) ran: a killed process, for resume tests."""
+    import keras  # pylint: disable=import-outside-toplevel
+
+    class Interrupt(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch_index, logs=None):
+            if epoch_index == epoch:
+                raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
+
+    return Interrupt()
