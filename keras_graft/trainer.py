@@ -613,10 +613,13 @@ class GraftTrainer:
         return logs
 
     def _make_train_function(self):
-        @tf.function
+        @tf.function(autograph=False)
         def train_function(iterator, steps):
-            for _ in tf.range(steps):
+            def one_step(step):
                 self.strategy.run(self._replica_train_step, args=(next(iterator),))
+                return step + 1
+
+            tf.while_loop(lambda step: step < steps, one_step, [tf.zeros_like(steps)])
             return self._train_logs()
 
         return train_function
@@ -625,7 +628,7 @@ class GraftTrainer:
         self._step.test(*data)
 
     def _make_test_function(self):
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, autograph=False)
         def test_function(batch):
             self.strategy.run(self._replica_test_step, args=(batch,))
 
@@ -634,7 +637,7 @@ class GraftTrainer:
     def _results(self):
         """All trackers' results, read in cross-replica context (one compiled function, built once)."""
         if self._results_function is None:
-            @tf.function
+            @tf.function(autograph=False)
             def results():
                 logs = self._train_logs()
                 logs.update({f"{name}_ensemble": value for name, value in self._ensemble_tracker.results().items()})
@@ -658,7 +661,7 @@ class GraftTrainer:
                 context = tf.distribute.get_replica_context()
                 return context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
 
-            @tf.function
+            @tf.function(autograph=False)
             def sync():
                 means = self.strategy.run(replica_means)
                 for variable, mean in zip(variables, means):
@@ -866,7 +869,8 @@ class GraftTrainer:
             dataset = dataset.batch(batch_size)
         if self._predict_function is None:
             self._predict_function = tf.function(
-                lambda inputs: [peer(inputs, training=False) for peer in self.models], reduce_retracing=True)
+                lambda inputs: [peer(inputs, training=False) for peer in self.models], reduce_retracing=True,
+                autograph=False)
         outputs = [[] for _ in self.models]
         for inputs in dataset:
             for k, y_pred in enumerate(self._predict_function(inputs)):
