@@ -247,6 +247,7 @@ def study():
     for index, (method, seed) in enumerate(todo, 1):
         done = {(r["config_key"], r["method"], r["seed"]) for r in experiment.read_jsonl(FLAGS.output)}
         if (key, method, seed) in done:
+            logging.info("[%d/%d] %s seed %d: done already, in %s.", index, len(todo), method, seed, FLAGS.output)
             continue
         deadline = time.time() + FLAGS.teacher_wait_s
         while method in DISTILLED and not os.path.exists(teacher_path()) and time.time() < deadline:
@@ -464,21 +465,24 @@ def report():
 
 
 def apply_smoke():
+    """The tiny configuration. Its default files (in /tmp) start afresh on every training run; an explicit
+    --output or --teacher_dir is kept, so a rerun skips the runs already there."""
     FLAGS.seeds, FLAGS.more_seeds = ["0"], []
     FLAGS.train_examples, FLAGS.epochs, FLAGS.milestones = 512, 2, ["1"]
-    if not FLAGS["output"].present:
-        FLAGS.output = "/tmp/keras_graft_accuracy_smoke.jsonl"
-    for flag, path in (("summary", "/tmp/keras_graft_accuracy_smoke_summary.json"),
+    defaulted = []
+    for flag, path in (("output", "/tmp/keras_graft_accuracy_smoke.jsonl"),
+                       ("summary", "/tmp/keras_graft_accuracy_smoke_summary.json"),
                        ("report_md", "/tmp/keras_graft_accuracy_smoke.md"),
                        ("report_png", "/tmp/keras_graft_accuracy_smoke.png"),
                        ("teacher_dir", "/tmp/keras_graft_accuracy_smoke_teachers"),
                        ("repr_output", "/tmp/keras_graft_accuracy_smoke_repr.jsonl")):
         if not FLAGS[flag].present:
             FLAGS[flag].value = path
+            defaulted.append(flag)
     if not FLAGS["backup_root"].present:
         FLAGS.backup_root = ""
     if not FLAGS.report:
-        for path in (FLAGS.output, FLAGS.teacher_dir):
+        for path in (FLAGS[flag].value for flag in ("output", "teacher_dir") if flag in defaulted):
             if os.path.isdir(path):
                 shutil.rmtree(path)
             elif os.path.exists(path):

@@ -45,10 +45,16 @@ class AccuracyStudySmokeTest(tf.test.TestCase):
         for k in range(2):
             self.assertEqual(graft["best_accuracy"][k], max(r["test_accuracy"][k] for r in graft["per_epoch"]))
 
-        # A rerun finds both runs done and trains nothing.
-        self.assertEqual(_study(*flags).returncode, 0)
+        # A rerun finds both runs done and trains nothing: the file is unchanged (a new run has new timings).
         with open(paths["runs.jsonl"]) as f:
-            self.assertLen(f.readlines(), 2)
+            lines = f.read()
+        result = _study(*flags)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("[1/2] baseline seed 0: done already", result.stderr)
+        self.assertIn("[2/2] graft2 seed 0: done already", result.stderr)
+        self.assertNotIn("epoch 1:", result.stderr)
+        with open(paths["runs.jsonl"]) as f:
+            self.assertEqual(f.read(), lines)
 
         result = _study(*flags, "--report")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
