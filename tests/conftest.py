@@ -1,5 +1,6 @@
 """Test setup: testing_utils splits the CPU into two logical devices so MirroredStrategy runs two replicas; the
-inherited test_session stubs of tf.test.TestCase are deselected."""
+inherited test_session stubs of tf.test.TestCase are deselected; the slowest classes are collected first, so that
+parallel workers (pytest -n) start them early and finish together."""
 import tensorflow as tf
 
 import testing_utils  # noqa: F401  (splits the CPU before any test runs)
@@ -12,9 +13,28 @@ def _is_test_session_stub(item):
             and getattr(cls, "test_session", None) is tf.test.TestCase.test_session)
 
 
+# Classes that start processes or train end to end (tens of seconds each), slowest first.
+SLOW_FIRST = (
+    "test_benchmarks.py::AccuracyStudySmokeTest",
+    "test_shared_directory.py::ProcessesTest",
+    "test_examples.py::ScriptProcessTest",
+    "test_examples.py::TrainScriptTest",
+    "test_readme.py::ReadmeTest",
+    "test_trainer_multiworker.py::MultiWorkerTest",
+    "test_reactivation.py::CheckpointTest",
+)
+
+
+def _slow_rank(item):
+    scope = f"{item.path.name}::{item.cls.__name__}" if getattr(item, "cls", None) else item.path.name
+    return SLOW_FIRST.index(scope) if scope in SLOW_FIRST else len(SLOW_FIRST)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Deselects the ``test_session`` stubs every tf.test.TestCase inherits, so the summary counts real tests only."""
+    """Deselects the ``test_session`` stubs every tf.test.TestCase inherits, so the summary counts real tests only,
+    and puts the slow classes first (a stable sort: the rest keep their order)."""
     stubs = [item for item in items if _is_test_session_stub(item)]
     if stubs:
         items[:] = [item for item in items if not _is_test_session_stub(item)]
         config.hook.pytest_deselected(items=stubs)
+    items.sort(key=_slow_rank)

@@ -162,27 +162,21 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         _check_png(self, png)
         self.assertIn("baseline: resnet8_w2, 30 filters", result.stdout)
 
-    def test_plot_filters_labels_runs_by_configuration(self):
-        png = os.path.join(self.dir, "filters_labels.png")
-        weights = [self.baseline["weights"][0], *self.graft["weights"]]
-        result = _script("plot_filters.py", f"--weights={','.join(weights)}", f"--output={png}")
-        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertIn("baseline epochs=1: resnet8_w2, 30 filters", result.stdout)
-        self.assertIn("graft epochs=2 schedule=cosine model 0: resnet8_w2", result.stdout)
-        self.assertIn("graft epochs=2 schedule=cosine model 1: resnet8_w2", result.stdout)
-
-    def test_plot_filters_with_model_flags_and_logs(self):
+    def test_plot_filters_labels_by_configuration_and_model_flags(self):
         png = os.path.join(self.dir, "filters_flags.png")
-        weights = self.graft["weights"]
         # A weights file without results.json next to it: the architecture comes from the flags.
         lonely = os.path.join(self.dir, "lonely", "w.weights.h5")
         os.makedirs(os.path.dirname(lonely))
-        with open(weights[1], "rb") as src, open(lonely, "wb") as dst:
+        with open(self.graft["weights"][1], "rb") as src, open(lonely, "wb") as dst:
             dst.write(src.read())
-        result = _script("plot_filters.py", f"--weights={weights[0]},{lonely}", "--model=resnet8", "--width=2",
+        weights = [self.baseline["weights"][0], self.graft["weights"][0], lonely]
+        result = _script("plot_filters.py", f"--weights={','.join(weights)}", "--model=resnet8", "--width=2",
                          "--dataset=fashion_mnist_local", f"--logs={self.graft['log_csv']}", f"--output={png}")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         _check_png(self, png)
+        # Without --labels, a run is labelled by the settings that tell it apart, and a model by its index.
+        self.assertIn("baseline epochs=1: resnet8_w2, 30 filters", result.stdout)
+        self.assertIn("graft epochs=2 schedule=cosine model 0: resnet8_w2", result.stdout)
 
 
 class CommandLineTest(tf.test.TestCase):
