@@ -24,7 +24,6 @@ import keras
 import keras_graft
 from keras_graft import datasets
 from keras_graft import experiment
-from keras_graft import models
 from keras_graft.trainer import GraftTrainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,9 +46,8 @@ FLAGS = flags.FLAGS
 
 
 def build_fn(name):
-    depth, width = name[len("resnet"):].split("_w")
-    return lambda: models.cifar_resnet(int(depth), width=int(width), num_classes=10, input_shape=(28, 28, 1),
-                                       weight_decay=FLAGS.weight_decay)
+    """Builds the network a label names (``resnet8_w8``) for Fashion-MNIST's 28x28x1 images."""
+    return experiment.ModelSpec.from_label(name, input_shape=(28, 28, 1), weight_decay=FLAGS.weight_decay).build
 
 
 def settings(model_name, method):

@@ -211,6 +211,21 @@ class ModelSpecTest(tf.test.TestCase):
         with self.assertRaisesRegex(ValueError, "CIFAR ResNet depth must be 6n \\+ 2"):
             keras_graft.models.get("resnet21")
 
+    def test_from_label_inverts_label_and_builds_what_the_builder_builds(self):
+        for label, (name, width) in (("resnet8_w8", ("resnet8", 8)), ("wrn28_10", ("wrn28_10", None)),
+                                     ("resnet20", ("resnet20", None)), ("resnet14_leaky_w4", ("resnet14_leaky", 4))):
+            spec = experiment.ModelSpec.from_label(label, input_shape=(28, 28, 1))
+            self.assertEqual((spec.name, spec.width, spec.label), (name, width, label))
+        keras.utils.set_random_seed(3)
+        built = experiment.ModelSpec.from_label("resnet8_w4", input_shape=(28, 28, 1), weight_decay=5e-4).build()
+        keras.utils.set_random_seed(3)
+        direct = keras_graft.models.cifar_resnet(8, width=4, num_classes=10, input_shape=(28, 28, 1),
+                                                 weight_decay=5e-4)
+        self.assertEqual([w.path for w in built.weights], [w.path for w in direct.weights])
+        for a, b in zip(built.weights, direct.weights):
+            self.assertAllEqual(a.numpy(), b.numpy())
+        self.assertAllClose(sum(built.losses), sum(direct.losses))
+
 
 @unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")
 class RunTest(tf.test.TestCase, parameterized.TestCase):

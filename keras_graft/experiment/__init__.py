@@ -460,6 +460,12 @@ class ModelSpec:
     def label(self):
         return self.name + (f"_w{self.width}" if self.width is not None else "")
 
+    @classmethod
+    def from_label(cls, label, **fields):
+        """The spec a ``label`` names: ``resnet8_w8`` is ``resnet8`` of width 8, ``wrn28_10`` is itself."""
+        name, marker, width = label.rpartition("_w")
+        return cls(name, int(width), **fields) if marker and width.isdigit() else cls(label, **fields)
+
     def build(self):
         extra = {} if self.width is None else {"width": self.width}
         return models.get(self.name, num_classes=self.num_classes, input_shape=tuple(self.input_shape),
