@@ -41,12 +41,15 @@ class FilterLayout:
       input_axis: the kernel's axis that indexes the layer's input channels one to one, or None (depthwise,
         separable): filter-level grafting mixes input channel j with the coefficient of the filter that feeds it.
       dense: filters counted only where asked for (``include_dense``), as Dense units are.
+      depthwise: each filter reads one input channel of its own, so filters share no inputs and RePr's
+        orthogonality ranking does not apply (RePr leaves such layers alone).
     """
 
     kernel: str = "kernel"
     filter_axes: tuple = (-1,)
     input_axis: int = None
     dense: bool = False
+    depthwise: bool = False
 
     @property
     def normalization(self):
@@ -56,7 +59,7 @@ class FilterLayout:
 _REGISTRY = {}
 
 
-def register(layer_class=None, kernel="kernel", filter_axes=-1, input_axis=None, dense=False):
+def register(layer_class=None, kernel="kernel", filter_axes=-1, input_axis=None, dense=False, depthwise=False):
     """Registers where ``layer_class`` (and its subclasses) keep their filters; see :class:`FilterLayout`.
 
     ``register(MyConv, kernel="w", filter_axes=0)`` or, as a class decorator,
@@ -67,7 +70,7 @@ def register(layer_class=None, kernel="kernel", filter_axes=-1, input_axis=None,
         raise ValueError(f"filter_axes must be an int or a non-empty sequence of ints, got {filter_axes!r}.")
     if kernel is not None and not isinstance(kernel, str):
         raise TypeError(f"kernel must be the name of the layer's kernel attribute (a str) or None, got {kernel!r}.")
-    entry = FilterLayout(kernel, axes, input_axis, bool(dense))
+    entry = FilterLayout(kernel, axes, input_axis, bool(dense), bool(depthwise))
 
     def add(cls):
         if not (isinstance(cls, type) and issubclass(cls, keras.layers.Layer)):
@@ -92,7 +95,7 @@ for _cls in (L.Conv1D, L.Conv2D, L.Conv3D):
 for _cls in (L.Conv1DTranspose, L.Conv2DTranspose, L.Conv3DTranspose):
     register(_cls, filter_axes=-2, input_axis=-1)
 for _cls in (L.DepthwiseConv1D, L.DepthwiseConv2D):
-    register(_cls, filter_axes=(-2, -1))
+    register(_cls, filter_axes=(-2, -1), depthwise=True)
 for _cls in (L.SeparableConv1D, L.SeparableConv2D):
     register(_cls, kernel="pointwise_kernel")
 register(L.Dense, input_axis=-2, dense=True)

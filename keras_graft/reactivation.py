@@ -73,7 +73,6 @@ UNITS = ("epoch", "step")
 RANKINGS = ("global", "layer")
 #: Re-initialisation levels, best first: orthogonal to survivors and pre-drop values, to survivors, none.
 LEVELS = ("orthogonal", "survivors", "initializer")
-_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 
 
 def phase_at(unit, s1, s2, cycles):
@@ -176,7 +175,7 @@ def _plans(model, criterion):
     groups = {group.name: group for group in groups_lib.graft_structure(model).groups}
     plans = []
     for layer in convs[1:]:
-        if isinstance(layer, _DEPTHWISE):
+        if layouts.layout(layer).depthwise:
             continue
         members = [(weights[i], axes, owners[id(weights[i])]) for i, axes in groups[layer.name].members]
         plan = _LayerPlan(layer, members)

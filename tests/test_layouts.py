@@ -254,6 +254,28 @@ class CustomLayerTest(tf.test.TestCase):
             kept = np.setdiff1d(np.arange(layer.filters), dropped)
             self.assertTrue(np.all(np.abs(layer.w.numpy()[kept]).sum(axis=(1, 2, 3)) > 0))
 
+    def test_repr_leaves_a_layer_registered_depthwise_alone(self):
+        @layouts.register(kernel="w", filter_axes=0, input_axis=1, depthwise=True)
+        class FlaggedConv2D(TorchConv2D):
+            """Registered as depthwise: RePr does not rank it."""
+
+        self.assertTrue(layouts.layout(FlaggedConv2D(2)).depthwise)
+        self.assertTrue(layouts.layout(keras.layers.DepthwiseConv2D(3)).depthwise)
+        self.assertFalse(layouts.layout(TorchConv2D(2)).depthwise)
+        keras.utils.set_random_seed(1)
+        inputs = keras.Input((9, 9, 3))
+        x = TorchConv2D(4, name="c0")(inputs)
+        x = TorchConv2D(5, name="c1")(x)
+        x = FlaggedConv2D(6, name="c2")(x)
+        model = keras.Model(inputs, keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)))
+        model.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        repr_callback = reactivation.RePr(s1=1, s2=1, prune_ratio=0.4, cycles=1, criterion="l1")
+        rng = np.random.default_rng(0)
+        x, y = rng.normal(size=(16, 9, 9, 3)).astype(np.float32), np.arange(16) % 3
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0, callbacks=[repr_callback])
+        self.assertEqual(list(repr_callback.history[0]["indices"]), ["c1"])
+        self.assertLen(repr_callback.history[0]["indices"]["c1"], 2)  # round(0.4 * 5): c1's filters only
+
 
 if __name__ == "__main__":
     tf.test.main()
