@@ -613,6 +613,8 @@ class GraftTrainer:
         return logs
 
     def _make_train_function(self):
+        # The compiled functions skip AutoGraph (nothing in them branches on tensors): the loop over
+        # steps_per_execution is an explicit tf.while_loop, and tracing is cheaper.
         @tf.function(autograph=False)
         def train_function(iterator, steps):
             def one_step(step):
