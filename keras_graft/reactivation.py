@@ -450,8 +450,12 @@ class RePr(keras.callbacks.Callback):
 
     def set_model(self, model):
         super().set_model(model)
-        if self._models is None and getattr(model, "built", False) and model.weights:
-            self.state_for(model)
+        if self._models is not None:
+            return
+        # A PeerEnsemble's peers each have their own state (see _targets); the ensemble itself has none.
+        for target in model.peers if isinstance(model, PeerEnsemble) else [model]:
+            if getattr(target, "built", False) and target.weights:
+                self.state_for(target)
 
     def _targets(self):
         """[(model, optimizer)] the hooks act on."""

@@ -9,7 +9,7 @@ from absl.testing import parameterized
 from tensorflow.python.framework import config as tf_config
 
 import keras_graft
-from keras_graft import schedules
+from keras_graft import reactivation, schedules
 from keras_graft.trainer import PeerEnsemble as PeerEnsembleFromTrainer
 
 import testing_utils
@@ -184,12 +184,25 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
             unbuilt.compile(optimizer="sgd", loss=LOGITS_LOSS)
 
     def test_repr_acts_on_each_peer_with_its_optimizer(self):
-        peers = make_peers(2)
-        callback = keras_graft.RePr(s1=1, s2=1, cycles=1)
+        def two_conv_peers():  # RePr never prunes the first convolution, so it needs two
+            peers = keras_graft.PeerEnsemble([keras.Sequential(
+                [keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, padding="same"), keras.layers.ReLU(),
+                 keras.layers.Conv2D(4, 3), keras.layers.Flatten(), keras.layers.Dense(3)]) for _ in range(2)])
+            peers.compile(optimizer="sgd", loss=LOGITS_LOSS)
+            return peers
+
+        peers = two_conv_peers()
+        callback = keras_graft.RePr(s1=1, s2=1, cycles=1, seed=3)
         callback.set_model(peers)
         targets = callback._targets()
         self.assertEqual([m for m, _ in targets], list(peers.peers))
         self.assertEqual([o for _, o in targets], list(peers.peer_optimizers))
+        # Each peer has a state, numbered as if the user had set the peers; the ensemble wrapper has none.
+        self.assertFalse(hasattr(peers, reactivation.STATE_ATTRIBUTE))
+        by_hand = keras_graft.RePr(s1=1, s2=1, cycles=1, seed=3)
+        by_hand.models = two_conv_peers().peers
+        for peer, other in zip(peers.peers, by_hand.models):
+            self.assertEqual(int(callback.state_for(peer).seed.numpy()), int(by_hand.state_for(other).seed.numpy()))
 
     def test_importable_from_the_trainer_module(self):
         self.assertIs(PeerEnsembleFromTrainer, keras_graft.PeerEnsemble)

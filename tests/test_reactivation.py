@@ -4,6 +4,7 @@ state in checkpoints."""
 import os
 
 import contextlib
+import functools
 import io
 
 import keras
@@ -529,68 +530,90 @@ class CheckpointTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllEqual(plain.get_layer("c2").kernel.numpy(), model.get_layer("c2").kernel.numpy())
         self.assertFalse(hasattr(plain, reactivation.STATE_ATTRIBUTE))
 
+    @staticmethod
+    def fit_run(backup_dir=None, interrupt=None, backup_first=True):
+        """A seeded 6-epoch model.fit run with RePr (2 cycles), optionally backed up and interrupted."""
+        model = compiled(conv_net(seed=3))
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
+        callbacks = [repr_callback]
+        if backup_dir:
+            backup = keras.callbacks.BackupAndRestore(backup_dir)
+            callbacks = [backup, repr_callback] if backup_first else [repr_callback, backup]
+        if interrupt is not None:
+            callbacks.append(testing_utils.interrupt_after(interrupt))
+        model.fit(*data(24), batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=callbacks)
+        return model, repr_callback
+
+    @classmethod
+    @functools.cache
+    def uninterrupted_fit(cls):
+        """The uninterrupted run, once per class: its weights, optimizer variables, RePr state and events."""
+        model, repr_callback = cls.fit_run()
+        return ([(w.path, w.numpy()) for w in model.weights + model.optimizer.variables],
+                [(v.name, v.numpy()) for v in repr_callback.state_for(model).weights],
+                [(e["event"], e["unit"]) for e in repr_callback.history])
+
     @parameterized.named_parameters(
         ("full_backup_first", 2, True), ("pruned_backup_first", 3, True), ("pruned_repr_first", 3, False))
     def test_fit_with_backup_and_restore_resumes_exactly(self, interrupted_after, backup_first):
         """Interrupted after an epoch and restarted, a run ends with the weights of an uninterrupted one."""
-        x, y = data(24)
-
-        def run(backup_dir=None, interrupt=None):
-            model = compiled(conv_net(seed=3))
-            repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
-            callbacks = [repr_callback]
-            if backup_dir:
-                backup = keras.callbacks.BackupAndRestore(backup_dir)
-                callbacks = [backup, repr_callback] if backup_first else [repr_callback, backup]
-            if interrupt is not None:
-                callbacks.append(testing_utils.interrupt_after(interrupt))
-            model.fit(x, y, batch_size=8, epochs=6, shuffle=False, verbose=0, callbacks=callbacks)
-            return model, repr_callback
-
-        full, full_callback = run()
-        self.assertEqual([(e["event"], e["unit"]) for e in full_callback.history],
-                         [("drop", 1), ("reinit", 2), ("drop", 3), ("reinit", 4)])
+        full_weights, full_state, full_events = self.uninterrupted_fit()
+        self.assertEqual(full_events, [("drop", 1), ("reinit", 2), ("drop", 3), ("reinit", 4)])
         backup_dir = os.path.join(self.get_temp_dir(), f"backup_{interrupted_after}_{backup_first}")
         with self.assertRaises(KeyboardInterrupt):
-            run(backup_dir, interrupt=interrupted_after)
-        resumed, resumed_callback = run(backup_dir)
+            self.fit_run(backup_dir, interrupt=interrupted_after, backup_first=backup_first)
+        resumed, resumed_callback = self.fit_run(backup_dir, backup_first=backup_first)
         self.assertEqual(resumed_callback.history[0]["unit"], 4 if interrupted_after == 3 else 3)
-        for a, b, w in zip(all_weights(full), all_weights(resumed), full.weights + full.optimizer.variables):
-            self.assertAllEqual(a, b, msg=w.path)
-        for a, b in zip(full_callback.state_for(full).weights, resumed_callback.state_for(resumed).weights):
-            self.assertAllEqual(a.numpy(), b.numpy(), msg=a.name)
+        resumed_weights = all_weights(resumed)
+        self.assertLen(resumed_weights, len(full_weights))
+        for (path, a), b in zip(full_weights, resumed_weights):
+            self.assertAllEqual(a, b, msg=path)
+        resumed_state = resumed_callback.state_for(resumed).weights
+        self.assertLen(resumed_state, len(full_state))
+        for (name, a), b in zip(full_state, resumed_state):
+            self.assertAllEqual(a, b.numpy(), msg=name)
 
     @parameterized.named_parameters(("set_by_the_trainer", False), ("set_by_the_user", True))
     def test_graft_trainer_backup_resumes_exactly(self, user_sets_models):
         """GraftTrainer(backup_dir=...): its tf.train.Checkpoint of the models carries their RePr states, attached
         before or after it restores (deferred restoration); two steps per compiled call."""
-        from keras_graft.trainer import GraftTrainer
-
-        x, y = data(24)
-
-        def run(backup_dir=None, interrupt=None):
-            trainer = GraftTrainer(lambda: conv_net(), 2, optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
-                                   loss=LOSS, seed=5, backup_dir=backup_dir, steps_per_execution=2)
-            repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
-            if user_sets_models:
-                repr_callback.models, repr_callback.optimizers = trainer.models, trainer.optimizers
-            callbacks = [repr_callback] + ([testing_utils.interrupt_after(interrupt)] if interrupt is not None else [])
-            trainer.fit((x, y), epochs=6, batch_size=8, verbose=0, callbacks=callbacks)
-            return trainer, repr_callback
-
-        full, full_callback = run()
-        self.assertLen(full_callback.history, 8)  # 2 models x (2 drops + 2 re-initialisations)
+        full_variables, full_events = self.uninterrupted_trainer_fit()
+        self.assertLen(full_events, 8)  # 2 models x (2 drops + 2 re-initialisations)
         backup_dir = os.path.join(self.get_temp_dir(), f"graft_backup_{user_sets_models}")
         with self.assertRaises(KeyboardInterrupt):
-            run(backup_dir, interrupt=3)
-        resumed, resumed_callback = run(backup_dir)
+            self.trainer_run(backup_dir, interrupt=3, user_sets_models=user_sets_models)
+        resumed, resumed_callback = self.trainer_run(backup_dir, user_sets_models=user_sets_models)
         self.assertEqual([e["event"] for e in resumed_callback.history], ["reinit", "reinit"])
-        for model_a, model_b in zip(full.models, resumed.models):
-            for a, b in zip(model_a.weights, model_b.weights):
-                self.assertAllEqual(a.numpy(), b.numpy(), msg=a.path)
-        for opt_a, opt_b in zip(full.optimizers, resumed.optimizers):
-            for a, b in zip(opt_a.variables, opt_b.variables):
-                self.assertAllEqual(a.numpy(), b.numpy(), msg=a.path)
+        resumed_variables = self.trainer_variables(resumed)
+        self.assertLen(resumed_variables, len(full_variables))
+        for (path, a), (_, b) in zip(full_variables, resumed_variables):
+            self.assertAllEqual(a, b, msg=path)
+
+    @staticmethod
+    def trainer_run(backup_dir=None, interrupt=None, user_sets_models=False):
+        """A seeded 6-epoch GraftTrainer run of 2 models with RePr, two steps per compiled call."""
+        from keras_graft.trainer import GraftTrainer
+
+        trainer = GraftTrainer(lambda: conv_net(), 2, optimizer=keras.optimizers.SGD(0.1, momentum=0.9),
+                               loss=LOSS, seed=5, backup_dir=backup_dir, steps_per_execution=2)
+        repr_callback = RePr(s1=1, s2=1, prune_ratio=0.3, cycles=2, seed=11)
+        if user_sets_models:
+            repr_callback.models, repr_callback.optimizers = trainer.models, trainer.optimizers
+        callbacks = [repr_callback] + ([testing_utils.interrupt_after(interrupt)] if interrupt is not None else [])
+        trainer.fit(data(24), epochs=6, batch_size=8, verbose=0, callbacks=callbacks)
+        return trainer, repr_callback
+
+    @staticmethod
+    def trainer_variables(trainer):
+        return [(v.path, v.numpy()) for model, optimizer in zip(trainer.models, trainer.optimizers)
+                for v in model.weights + optimizer.variables]
+
+    @classmethod
+    @functools.cache
+    def uninterrupted_trainer_fit(cls):
+        """The uninterrupted GraftTrainer run (RePr attached by the trainer), once per class."""
+        trainer, repr_callback = cls.trainer_run()
+        return cls.trainer_variables(trainer), [(e["event"], e["unit"]) for e in repr_callback.history]
 
 
 class StepsPerExecutionTest(tf.test.TestCase):
