@@ -72,6 +72,7 @@ flags.DEFINE_string("teacher_model", "resnet8_w16", "Teacher of kd and cultivate
 flags.DEFINE_integer("epochs", 15, "Epochs per model, the same for every method.")
 flags.DEFINE_list("milestones", ["11", "14"], "Epochs after which the step schedule divides the lr by 10.")
 flags.DEFINE_integer("train_examples", 60000, "Training images (the first N of the training split).")
+flags.DEFINE_integer("test_examples", 10000, "Test images (the first N of the test split).")
 flags.DEFINE_integer("batch_size", 32, "Batch per model.")
 flags.DEFINE_float("lr", 0.1, "Initial learning rate.")
 flags.DEFINE_float("weight_decay", 5e-4, "Coupled (PyTorch-style) weight decay of the models.")
@@ -86,8 +87,8 @@ flags.DEFINE_string("teacher_dir", os.path.join(_RESULTS, "teachers"), "Teachers
                     "results.")
 flags.DEFINE_string("output", os.path.join(_RESULTS, "accuracy_runs.jsonl"), "JSON lines, appended.")
 flags.DEFINE_string("backup_root", "/work/keras_graft_study_backup", "Per-run checkpoints; '' disables.")
-flags.DEFINE_bool("smoke", False, "Every method once on a tiny config (512 images, 2 epochs, 1 seed), written to a "
-                  "temporary file unless --output is given.")
+flags.DEFINE_bool("smoke", False, "Every method once on a tiny config (512 training and 1000 test images, 2 epochs, "
+                  "1 seed), written to a temporary file unless --output is given.")
 flags.DEFINE_string("repr_output", os.path.join(_RESULTS, "repr_study_test.jsonl"),
                     "Report: RePr's study (benchmarks/repr_study.py --test), added to the summary as its own study.")
 flags.DEFINE_bool("report", False, "Write the summary, table and plots from --output instead of training.")
@@ -104,7 +105,7 @@ def config():
     milestones = [int(m) for m in FLAGS.milestones]
     steps = math.ceil(FLAGS.train_examples / FLAGS.batch_size)
     return {
-        "dataset": "fashion_mnist", "train_examples": FLAGS.train_examples, "test_examples": 10000,
+        "dataset": "fashion_mnist", "train_examples": FLAGS.train_examples, "test_examples": FLAGS.test_examples,
         "model": FLAGS.model, "teacher_model": FLAGS.teacher_model, "epochs": FLAGS.epochs,
         "batch_size": FLAGS.batch_size, "steps_per_epoch": steps, "steps_per_model": steps * FLAGS.epochs,
         "steps_at_initial_lr": steps * milestones[0], "lr": FLAGS.lr, "momentum": 0.9,
@@ -168,7 +169,7 @@ def run(method, seed, label):
         backup_dir=backup_dir, steps_per_execution=FLAGS.steps_per_execution, **kwargs)
     train = datasets.per_model_dataset_fn("fashion_mnist_local", batch_size=FLAGS.batch_size,
                                           base_seed=1_000_003 * int(seed), subset=FLAGS.train_examples)
-    test = datasets.load("fashion_mnist_local", "test", batch_size=1000)
+    test = datasets.load("fashion_mnist_local", "test", batch_size=1000, subset=FLAGS.test_examples)
     epochs = experiment.EpochRecord(trainer, label, os.path.join(backup_dir, "epochs.json") if backup_dir else None)
     start = time.perf_counter()
     trainer.fit(train, epochs=FLAGS.epochs, steps_per_epoch=config()["steps_per_epoch"], validation_data=test,
@@ -389,7 +390,7 @@ def markdown(summary):
         lines += [f"### `{c['config_key']}`", "",
                   f"{c['model']}, {c['train_examples']} training images, batch {c['batch_size']}, {c['epochs']} "
                   f"epochs ({c['steps_per_model']} steps per model, {c['steps_at_initial_lr']} at lr {c['lr']}), "
-                  f"lr / 10 after epochs {c['milestones']}. Test accuracy (%) on all 10,000 test images: final = "
+                  f"lr / 10 after epochs {c['milestones']}. Test accuracy (%) on {c.get('test_examples', 10000)} test images: final = "
                   "last epoch, best = best epoch (as the papers report), both the mean over a run's models, then "
                   "mean ± std over seeds; paired = minus the baseline of the same seed.", "",
                   "| method | models | seeds | final | best | paired final (95% CI) | paired best | ensemble final "
@@ -466,7 +467,7 @@ def apply_smoke():
     """The tiny configuration. Its default files (in /tmp) start afresh on every training run; an explicit
     --output or --teacher_dir is kept, so a rerun skips the runs already there."""
     FLAGS.seeds, FLAGS.more_seeds = ["0"], []
-    FLAGS.train_examples, FLAGS.epochs, FLAGS.milestones = 512, 2, ["1"]
+    FLAGS.train_examples, FLAGS.test_examples, FLAGS.epochs, FLAGS.milestones = 512, 1000, 2, ["1"]
     defaulted = []
     for flag, path in (("output", "/tmp/keras_graft_accuracy_smoke.jsonl"),
                        ("summary", "/tmp/keras_graft_accuracy_smoke_summary.json"),

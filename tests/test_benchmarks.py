@@ -63,6 +63,7 @@ class AccuracyStudySmokeTest(tf.test.TestCase):
         (study,) = summary["studies"]
         for key in ("dataset", "train_examples", "model", "epochs", "batch_size", "steps_per_model"):
             self.assertIn(key, study["config"])
+        self.assertEqual((study["config"]["train_examples"], study["config"]["test_examples"]), (512, 1000))
         methods = study["methods"]
         final = np.mean(graft["final_accuracy"]) - np.mean(records["baseline"]["final_accuracy"])
         self.assertAllClose(methods["graft2"]["paired_final_mean"], final)
