@@ -60,7 +60,9 @@ class PeerEnsemble(keras.Model):
 
     ``compile`` then ``fit`` train every peer in one step, each with its own optimizer cloned from the compiled one
     (kept in :attr:`peer_optimizers`, so ``save_weights``, ``BackupAndRestore`` and ``ModelCheckpoint`` carry their
-    slots; the compiled optimizer keeps no slots and only counts steps). Loss of peer k: L_k = loss(y, s_k) + D_k
+    slots; the compiled optimizer keeps no slots and counts steps). The compiled optimizer's learning rate leads:
+    when it changes (``ReduceLROnPlateau``, ``LearningRateScheduler``), peer k's becomes it times peer k's initial
+    ratio to it. Loss of peer k: L_k = loss(y, s_k) + D_k
     (distillation) + its regularisation, see :mod:`keras_graft.steps`. With ``Grafting()`` in the callbacks the
     peers graft in a ring after every epoch (peer k takes from peer k - 1).
 
@@ -94,6 +96,7 @@ class PeerEnsemble(keras.Model):
         self._activation_setting = output_activation
         self.output_activation = None if output_activation == "auto" else output_activation
         self.peer_optimizers = []
+        self._followed_rates = None
         self._peer_step = None
         self._compile_settings = None
         self.built = all(peer.built for peer in self.peers)
@@ -151,6 +154,7 @@ class PeerEnsemble(keras.Model):
             self.peer_optimizers = steps_lib.clone_optimizers(self.optimizer, _spread(num_peers, lr_spread))
             for peer, peer_optimizer in zip(self.peers, self.peer_optimizers):
                 peer_optimizer.build(peer.trainable_variables)
+            self._followed_rates = schedules_lib.FollowedRates.create(self.optimizer, self.peer_optimizers)
             if distillation is not None:
                 distillation.build(self.peers)
             terms = ("task_loss", "distill_loss") if distillation is not None else ()
@@ -177,6 +181,8 @@ class PeerEnsemble(keras.Model):
     def train_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         batches = [(x, y, sample_weight)] * len(self.peers)
+        if self._followed_rates is not None:
+            self._followed_rates()
         losses = self._peer_step.train(batches, shared=True, score_ensemble=True)
         with tf.control_dependencies(losses):
             self.optimizer.iterations.assign_add(1)

@@ -7,7 +7,8 @@ learning rates, cosine annealing and their own data order. ``spread_learning_rat
 
 so model N keeps ``lr`` and model 1 gets the smallest rate. The schedules are Keras ``LearningRateSchedule``
 objects evaluated every optimizer step t; their lengths are in epochs, and ``steps_per_epoch`` (and ``epochs``) may
-be ``tf.Variable`` objects that GraftTrainer sets when ``fit`` knows them.
+be ``tf.Variable`` objects that GraftTrainer sets when ``fit`` knows them. ``FollowedRates`` lets Keras'
+learning-rate callbacks, which set ``model.optimizer.learning_rate``, reach every peer.
 """
 
 import math
@@ -24,6 +25,61 @@ def spread_learning_rates(learning_rate, num_models):
         raise ValueError(f"num_models must be a positive integer, got {num_models!r}.")
     n = int(num_models)
     return [learning_rate * (1.0 + math.cos(math.pi * (n - k) / n)) / 2.0 for k in range(1, n + 1)]
+
+
+def _rate_variable(optimizer):
+    """The optimizer's learning-rate variable (through a LossScaleOptimizer), or None for a schedule or callable."""
+    rate = optimizer.learning_rate
+    return rate if isinstance(rate, keras.Variable) else None
+
+
+class FollowedRates:
+    """Followers' learning rates that follow a leading optimizer's.
+
+    Keras' ``ReduceLROnPlateau`` and ``LearningRateScheduler`` set ``model.optimizer.learning_rate``; the peers train
+    with optimizers of their own. Called in every training step (in-graph), this sets follower k's rate to
+    ``lead * r_k`` whenever the leader's rate differs from the one last seen, with ``r_k`` the follower's initial
+    rate over the leader's (so lr_spread's spread is kept). An unchanged leader changes nothing. The last seen rate
+    is not checkpointed: after a restore the first step sets the followers to the values they were saved with.
+
+    Use ``FollowedRates.create``: it gives None where there is nothing to follow (a scheduled rate, which Keras'
+    callbacks cannot set, or a leader at rate 0).
+    """
+
+    def __init__(self, leader, followers):
+        self._leader = _rate_variable(leader)
+        lead = float(self._leader.numpy())
+        self._followers = [(_rate_variable(f), float(_rate_variable(f).numpy()) / lead) for f in followers
+                           if _rate_variable(f) is not self._leader]
+        self._seen = tf.Variable(lead, trainable=False, dtype=self._leader.dtype, name="followed_learning_rate",
+                                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+
+    @classmethod
+    def create(cls, leader, followers):
+        """A FollowedRates (call it in the strategy's scope), or None when the rates are not plain variables."""
+        variables = [_rate_variable(optimizer) for optimizer in [leader, *followers]]
+        if any(v is None for v in variables) or float(variables[0].numpy()) == 0.0:
+            return None
+        return cls(leader, followers)
+
+    def __call__(self):
+        """Updates the followers if the leader's rate changed (once, in cross-replica context); returns whether it
+        did."""
+        context = tf.distribute.get_replica_context()
+        if context is None:
+            return self._follow()
+        return context.merge_call(lambda strategy: self._follow())
+
+    def _follow(self):
+        lead = tf.convert_to_tensor(self._leader)
+
+        def follow():
+            for rate, ratio in self._followers:
+                rate.assign(lead * ratio)
+            self._seen.assign(lead)
+            return tf.constant(True)
+
+        return tf.cond(tf.equal(lead, self._seen), lambda: tf.constant(False), follow)
 
 
 def _as_int(value):

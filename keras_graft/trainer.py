@@ -293,7 +293,9 @@ class GraftTrainer:
       strategy: a tf.distribute strategy or "default" | "mirrored" | "multi_worker"; None: the current one.
       lr_spread: give model k (k = 1..N) the initial rate lr * (1 + cos(pi * (N - k) / N)) / 2.
       lr_schedule: None, "cosine", "step", a dict (``{"name": "step", "every_epochs": 60, "factor": 0.1}``) or a
-        callable initial_rate -> LearningRateSchedule; applied per step to every model's rate.
+        callable initial_rate -> LearningRateSchedule; applied per step to every model's rate. None: Keras'
+        learning-rate callbacks (``ReduceLROnPlateau``, ``LearningRateScheduler``) set model 0's rate, and the
+        other models follow at their initial ratio to it.
       data_order: "per_model" (each model its own shuffle) or "shared" (all models see the same batches).
       seed: seeds the models' initialisation (``keras.utils.set_random_seed``) and the data order. None: random
         (the data seed is still kept in the backup, so a resumed run sees the same data order). tf.data combines
@@ -374,7 +376,9 @@ class GraftTrainer:
             output_shape = tuple(self.models[0].outputs[0].shape)
             self.ensemble = PeerEnsemble(self.models, steps_lib.output_activation(self.loss, output_shape),
                                          name="peers")
-            self.ensemble.optimizer = self.optimizers[0]  # Read by TensorBoard for the step counter.
+            # Read by TensorBoard for the step counter, set by Keras' learning-rate callbacks: model 0's rate leads.
+            self.ensemble.optimizer = self.optimizers[0]
+            self._followed_rates = schedules_lib.FollowedRates.create(self.optimizers[0], self.optimizers)
             self.ensemble.peer_optimizers = self.optimizers  # Callbacks (RePr) find the models' optimizers here.
             self.ensemble.stop_training = False
             if distillation is not None:
@@ -602,6 +606,8 @@ class GraftTrainer:
     # Compiled steps.
 
     def _replica_train_step(self, batches):
+        if self._followed_rates is not None:
+            self._followed_rates()
         self._step.train([(x, y, None) for x, y in batches], shared=self.data_order == "shared")
 
     def _train_logs(self):

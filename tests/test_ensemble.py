@@ -269,7 +269,7 @@ class GraftingTest(tf.test.TestCase, parameterized.TestCase):
             single.fit(x, y, epochs=1, verbose=0, callbacks=[keras_graft.Grafting()])
 
 
-class CallbacksAndSavingTest(tf.test.TestCase):
+class CallbacksAndSavingTest(tf.test.TestCase, parameterized.TestCase):
 
     def test_keras_callbacks(self):
         x, y = tiny_data(32)
@@ -311,7 +311,8 @@ class CallbacksAndSavingTest(tf.test.TestCase):
 
         def run(stop_after=None):
             peers = make_peers(2, seed=3, batch_norm=True, lr_spread=True)
-            callbacks = [keras_graft.Grafting(), keras.callbacks.BackupAndRestore(backup)]
+            halve_at_epoch_1 = keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr / 2 if epoch == 1 else lr)
+            callbacks = [keras_graft.Grafting(), keras.callbacks.BackupAndRestore(backup), halve_at_epoch_1]
             if stop_after is not None:
                 callbacks.append(StopAfter(stop_after))
             history = peers.fit(x, y, batch_size=8, epochs=3, shuffle=False, verbose=0, callbacks=callbacks)
@@ -327,6 +328,32 @@ class CallbacksAndSavingTest(tf.test.TestCase):
         for a, b in zip(uninterrupted.peer_optimizers, resumed.peer_optimizers):
             self.assertLess(max_difference([v.numpy() for v in a.variables], [v.numpy() for v in b.variables]),
                             1e-6)
+        self.assertAllClose([float(o.learning_rate.numpy()) for o in resumed.peer_optimizers], [0.025, 0.05])
+
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
+    def test_learning_rate_callbacks_reach_every_peer(self, strategy):
+        """Keras' callbacks set the compiled optimizer's rate; every peer follows, keeping lr_spread's ratios."""
+        x, y = tiny_data(32)
+        peers = make_peers(2, strategy=strategy, optimizer=keras.optimizers.SGD(0.1), lr_spread=True)
+        record = OnEpochBegin()
+        rates = []
+        remember_rates = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: rates.append(
+            [float(o.learning_rate.numpy()) for o in peers.peer_optimizers]))
+        # The rate drops to 0 for epoch 2 and comes back for epoch 3 (LearningRateScheduler's epochs are 0-based).
+        schedule = keras.callbacks.LearningRateScheduler(lambda epoch, lr: {1: 0.0, 2: 0.1}.get(epoch, lr))
+        history = peers.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[schedule, record, remember_rates])
+        self.assertAllClose(rates, [[0.05, 0.1], [0.0, 0.0], [0.05, 0.1]])
+        self.assertAllClose(history.history["learning_rate"], [0.1, 0.0, 0.1])
+        # Epoch 2 trained at rate 0: the weights it began with are the ones epoch 3 began with.
+        began = [[w for peer in weights for w in peer] for weights in record.weights]
+        self.assertEqual(max_difference(began[1], began[2]), 0.0)
+        self.assertGreater(max_difference(began[0], began[1]), 1e-4)
+
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=100.0)
+        rates.clear()
+        peers.fit(x, y, batch_size=8, epochs=3, verbose=0, callbacks=[plateau, remember_rates])
+        # No improvement of 100 after the first epoch: the rate halves after epoch 2, and epoch 3 trains with it.
+        self.assertAllClose(rates, [[0.05, 0.1], [0.05, 0.1], [0.025, 0.05]])
 
     def test_save_and_load_model(self):
         x, y = tiny_data(16)

@@ -114,6 +114,33 @@ class LearningRateTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(first, np.array([0.05, 0.1]) * 0.5, atol=1e-6)
         self.assertAllClose([history.history[f"learning_rate_{k}"][1] for k in range(2)], [0.0, 0.0], atol=1e-7)
 
+    @parameterized.named_parameters(*testing_utils.STRATEGIES)
+    def test_learning_rate_callbacks_reach_every_model(self, strategy):
+        """Keras' callbacks set model 0's rate (the ensemble's optimizer); every model follows at its spread ratio."""
+        x, y = tiny_data(32)
+        trainer = make_trainer(2, optimizer=keras.optimizers.SGD(0.1), lr_spread=True, grafting=None,
+                               strategy=testing_utils.strategy(strategy))
+        plateau = keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=100.0)
+        history = trainer.fit((x, y), epochs=3, batch_size=8, verbose=0, callbacks=[plateau])
+        # No improvement of 100 after epoch 1: the rates halve after epoch 2 (and again after epoch 3).
+        rates = [history.history[f"learning_rate_{k}"] for k in range(2)]
+        self.assertAllClose(rates, [[0.05, 0.05, 0.025], [0.1, 0.1, 0.05]])
+        self.assertAllClose(float(trainer.optimizers[0].learning_rate.numpy()), 0.0125)
+
+    def test_followed_rates_only_for_settable_rates(self):
+        sgd = keras.optimizers.SGD
+        self.assertIsNone(schedules.FollowedRates.create(sgd(schedules.CosineAnnealing(0.1, 3, 4)), [sgd(0.1)]))
+        self.assertIsNone(schedules.FollowedRates.create(sgd(0.1), [sgd(schedules.CosineAnnealing(0.1, 3, 4))]))
+        self.assertIsNone(schedules.FollowedRates.create(sgd(0.0), [sgd(0.1)]))
+        leader, followers = sgd(0.2), [sgd(0.1), sgd(0.3)]
+        followed = schedules.FollowedRates.create(leader, followers)
+        self.assertFalse(bool(followed()))  # unchanged: nothing to do
+        self.assertAllClose([float(f.learning_rate.numpy()) for f in followers], [0.1, 0.3])
+        leader.learning_rate = 0.02
+        self.assertTrue(bool(followed()))
+        self.assertAllClose([float(f.learning_rate.numpy()) for f in followers], [0.01, 0.03])
+        self.assertFalse(bool(followed()))
+
     def test_schedule_arguments_are_named(self):
         with self.assertRaisesRegex(TypeError, "CosineAnnealing: alpha must be a number, got '0'"):
             schedules.CosineAnnealing(0.1, 10, 5, alpha="0")
