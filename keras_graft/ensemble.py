@@ -56,7 +56,8 @@ def _spread(num_peers, lr_spread):
 @keras.saving.register_keras_serializable(package="keras_graft")
 class PeerEnsemble(keras.Model):
     """N peer models as one Keras model whose output is the mean of the peers' probabilities,
-    p(x) = (1/N) sum_k act(s_k(x)) with act the output activation.
+    p(x) = (1/N) sum_k act(s_k(x)) with act the output activation (a peer whose outputs for an example are not
+    finite, e.g. one that diverged, is left out of that example's mean).
 
     ``compile`` then ``fit`` train every peer in one step, each with its own optimizer cloned from the compiled one
     (kept in :attr:`peer_optimizers`, so ``save_weights``, ``BackupAndRestore`` and ``ModelCheckpoint`` carry their
@@ -111,7 +112,7 @@ class PeerEnsemble(keras.Model):
 
     def call(self, inputs, training=False):
         outputs = [self.probabilities(peer(inputs, training=training)) for peer in self.peers]
-        return keras.ops.mean(keras.ops.stack(outputs), axis=0)
+        return steps_lib.healthy_mean(outputs, [True] * len(self.peers))
 
     def compile(self, optimizer="rmsprop", loss=None, loss_weights=None, metrics=None, weighted_metrics=None,
                 run_eagerly=False, steps_per_execution=1, jit_compile="auto", auto_scale_loss=True, lr_spread=False,

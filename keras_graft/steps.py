@@ -182,7 +182,7 @@ class PeerStep:
       ensemble_tracker: scores the ensemble (mean of the models' probabilities) on shared batches; None: not scored.
       probabilities: the function from a model's outputs to probabilities (``PeerEnsemble.probabilities``).
       healthy: a boolean variable, one entry per model: the ensemble averages the healthy models only (see
-        :func:`healthy_mean`); None: all models.
+        :func:`healthy_mean`); None: all models (an example still leaves out those whose outputs are not finite).
     """
 
     def __init__(self, models, optimizers, loss, trackers, distillation=None, ensemble_tracker=None,
@@ -229,8 +229,7 @@ class PeerStep:
         if score_ensemble and self.ensemble_tracker is not None:
             _, y, sample_weight = batches[0]
             probabilities = [self.probabilities(p) for p in predictions]
-            ensemble = (keras.ops.mean(keras.ops.stack(probabilities), axis=0) if self.healthy is None
-                        else healthy_mean(probabilities, self.healthy))
+            ensemble = healthy_mean(probabilities, [True] * len(self.models) if self.healthy is None else self.healthy)
             self.ensemble_tracker.update(self._ensemble_loss(y, ensemble, sample_weight=sample_weight), y, ensemble)
 
     def train(self, batches, shared, score_ensemble=False):

@@ -103,6 +103,19 @@ class TrainingTest(tf.test.TestCase, parameterized.TestCase):
         self.assertAllClose(ordered[:2], [results["loss"], results["accuracy"]])
         self.assertAllClose(history.history["val_accuracy_ensemble"], [results["accuracy_ensemble"]])
 
+    def test_a_diverged_peer_is_left_out_of_the_ensemble(self):
+        x, y = tiny_data(24)
+        peers = make_peers(2)
+        peers.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        healthy_probabilities = softmax(peers.peers[0](x).numpy())
+        peers.peers[1].set_weights([np.full_like(w, np.nan) for w in peers.peers[1].get_weights()])
+        self.assertAllClose(peers.predict(x, verbose=0), healthy_probabilities, atol=1e-6)
+        results = peers.evaluate(x, y, verbose=0, return_dict=True)
+        self.assertTrue(np.isnan(results["loss_1"]))
+        self.assertAllClose(results["loss_ensemble"], np.mean(-np.log(healthy_probabilities[np.arange(24), y])),
+                            atol=1e-5)
+        self.assertAllClose(results["accuracy_ensemble"], np.mean(np.argmax(healthy_probabilities, -1) == y))
+
     def test_sample_weight_weights_the_loss(self):
         x, y = tiny_data(16)
         peers = make_peers(2)
