@@ -49,8 +49,8 @@ class FollowedRates:
     def __init__(self, leader, followers):
         self._leader = _rate_variable(leader)
         lead = float(self._leader.numpy())
-        self._followers = [(_rate_variable(f), float(_rate_variable(f).numpy()) / lead) for f in followers
-                           if _rate_variable(f) is not self._leader]
+        rates = [_rate_variable(follower) for follower in followers]
+        self._followers = [(rate, float(rate.numpy()) / lead) for rate in rates if rate is not self._leader]
         self._seen = tf.Variable(lead, trainable=False, dtype=self._leader.dtype, name="followed_learning_rate",
                                  aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 

@@ -15,15 +15,28 @@ def _is_test_session_stub(item):
             and getattr(cls, "test_session", None) is tf.test.TestCase.test_session)
 
 
-# Classes that start processes or train end to end (tens of seconds each), slowest first.
+# The classes that take longest (they start processes or train end to end), slowest first: pytest-xdist's
+# loadscope hands each class to one worker, so the long ones must start early.
 SLOW_FIRST = (
+    "test_trainer.py::TrainerTest",
+    "test_shared_directory.py::KillPointsTest",
     "test_benchmarks.py::AccuracyStudySmokeTest",
-    "test_shared_directory.py::ProcessesTest",
-    "test_examples.py::ScriptProcessTest",
     "test_examples.py::TrainScriptTest",
     "test_readme.py::ReadmeTest",
-    "test_trainer_multiworker.py::MultiWorkerTest",
+    "test_examples.py::TrainMethodsTest",
+    "test_examples.py::ScriptProcessTest",
     "test_reactivation.py::CheckpointTest",
+    "test_callbacks.py::GraftingCallbackTest",
+    "test_distillation.py::CultivationTest",
+    "test_ensemble.py::GraftingTest",
+    "test_trainer.py::BackupTest",
+    "test_examples.py::QuickstartScriptTest",
+    "test_models.py::ModelsTest",
+    "test_shared_directory.py::SharedDirectoryTest",
+    "test_ensemble.py::TrainingTest",
+    "test_trainer.py::KilledProcessTest",
+    "test_shared_directory.py::DeadPeerTest",
+    "test_trainer_multiworker.py::MultiWorkerTest",
 )
 
 

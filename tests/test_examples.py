@@ -72,20 +72,13 @@ def _check_png(testcase, path):
     testcase.assertGreater(os.path.getsize(path), 10_000)
 
 
-@unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")
-class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
-    """examples/train.py end to end for every method, and the plot script on its weights."""
+class _TrainScriptChecks(tf.test.TestCase):
+    """What every examples/train.py run's results JSON holds."""
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
         cls.dir = tempfile.mkdtemp(prefix="keras_graft_examples_")
-        cls.teacher = os.path.join(cls.dir, "teacher.keras")
-        cls.baseline = _run_train(*_TINY, "--method=baseline", f"--output={cls.dir}/baseline/results.json",
-                                  f"--save_model={cls.teacher}")
-        # Two epochs: the round after epoch 1 opens epoch 2; none follows the last epoch.
-        cls.graft = _run_train(*_TINY, "--method=graft", "--lr_spread", "--schedule=cosine", "--epochs=2",
-                               f"--output={cls.dir}/graft/results.json")
 
     def out(self, name):
         return f"--output={self.dir}/{name}/results.json"
@@ -114,6 +107,22 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         self.assertIn("val_accuracy", results["history"])
         self.assertTrue(os.path.isfile(results["log_csv"]))
 
+
+
+@unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")
+class TrainScriptTest(_TrainScriptChecks):
+    """examples/train.py's baseline, graft and cultivate (from the baseline), and the plot script on their weights."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.teacher = os.path.join(cls.dir, "teacher.keras")
+        cls.baseline = _run_train(*_TINY, "--method=baseline", f"--output={cls.dir}/baseline/results.json",
+                                  f"--save_model={cls.teacher}")
+        # Two epochs: the round after epoch 1 opens epoch 2; none follows the last epoch.
+        cls.graft = _run_train(*_TINY, "--method=graft", "--lr_spread", "--schedule=cosine", "--epochs=2",
+                               f"--output={cls.dir}/graft/results.json")
+
     def test_baseline(self):
         self.check_results(self.baseline, "baseline", 1)
         self.assertTrue(os.path.isfile(self.teacher))
@@ -126,33 +135,10 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         self.assertGreater(self.graft["history"]["graft_layers"][1], 0)
         self.assertEqual(self.graft["config"]["criterion"], "entropy")
 
-    @parameterized.named_parameters(
-        ("ensemble", ["--method=ensemble"], "ensemble", 2),
-        ("noise", ["--method=graft", "--source=noise", "--threshold=100", "--epochs=2"], "graft", 1),
-        ("internal", ["--method=graft", "--source=internal", "--num_models=2"], "graft", 2),
-        # 3 steps: the drop comes before step 1, the re-initialisation before step 2.
-        ("repr", ["--method=repr", "--repr_unit=step", "--repr_s1=1", "--repr_s2=1", "--repr_cycles=1",
-                  "--train_subset=96"], "repr", 1),
-    )
-    def test_method(self, args, method, num_models):
-        results = _run_train(*_TINY, *args, self.out(self._testMethodName))
-        self.check_results(results, method, num_models, epochs=2 if "--epochs=2" in args else 1)
-        if "--source=noise" in args:
-            # The round after epoch 1 opens epoch 2 (none after the final epoch); threshold 100: every filter.
-            self.assertEqual(results["history"]["scion_filters"], [0, results["filters_per_model"]])
-        if method == "repr":
-            self.assertEqual([e["event"] for e in results["repr_events"]], ["drop", "reinit"])
-        if method == "ensemble":
-            self.assertNotIn("graft_alpha", results["history"])
-
     def test_cultivate(self):
         results = _run_train(*_TINY, "--method=cultivate", f"--teacher={self.teacher}", self.out("cultivate"))
         self.check_results(results, "cultivate", 2)
         self.assertEqual(results["config"]["teacher"], self.teacher)
-
-    def test_mutual(self):
-        results = _run_train(*_TINY, "--method=mutual", self.out("mutual"))
-        self.check_results(results, "mutual", 2)
 
     def test_plot_filters(self):
         png = os.path.join(self.dir, "filters.png")
@@ -177,6 +163,34 @@ class TrainScriptTest(tf.test.TestCase, parameterized.TestCase):
         # Without --labels, a run is labelled by the settings that tell it apart, and a model by its index.
         self.assertIn("baseline epochs=1: resnet8_w2, 30 filters", result.stdout)
         self.assertIn("graft epochs=2 schedule=cosine model 0: resnet8_w2", result.stdout)
+
+
+@unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")
+class TrainMethodsTest(_TrainScriptChecks, parameterized.TestCase):
+    """examples/train.py end to end for the methods that need no other run."""
+
+    @parameterized.named_parameters(
+        ("ensemble", ["--method=ensemble"], "ensemble", 2),
+        ("noise", ["--method=graft", "--source=noise", "--threshold=100", "--epochs=2"], "graft", 1),
+        ("internal", ["--method=graft", "--source=internal", "--num_models=2"], "graft", 2),
+        # 3 steps: the drop comes before step 1, the re-initialisation before step 2.
+        ("repr", ["--method=repr", "--repr_unit=step", "--repr_s1=1", "--repr_s2=1", "--repr_cycles=1",
+                  "--train_subset=96"], "repr", 1),
+    )
+    def test_method(self, args, method, num_models):
+        results = _run_train(*_TINY, *args, self.out(self._testMethodName))
+        self.check_results(results, method, num_models, epochs=2 if "--epochs=2" in args else 1)
+        if "--source=noise" in args:
+            # The round after epoch 1 opens epoch 2 (none after the final epoch); threshold 100: every filter.
+            self.assertEqual(results["history"]["scion_filters"], [0, results["filters_per_model"]])
+        if method == "repr":
+            self.assertEqual([e["event"] for e in results["repr_events"]], ["drop", "reinit"])
+        if method == "ensemble":
+            self.assertNotIn("graft_alpha", results["history"])
+
+    def test_mutual(self):
+        results = _run_train(*_TINY, "--method=mutual", self.out("mutual"))
+        self.check_results(results, "mutual", 2)
 
 
 class CommandLineTest(tf.test.TestCase):
@@ -221,6 +235,11 @@ class ScriptProcessTest(tf.test.TestCase):
         with open(out) as f:
             results = json.load(f)
         self.assertLen(results["test_accuracy"], 2)
+
+
+@unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")
+class QuickstartScriptTest(tf.test.TestCase):
+    """The README's first command, on a tiny configuration, in its own process."""
 
     def test_quickstart_tiny(self):
         out = os.path.join(self.get_temp_dir(), "quickstart")

@@ -550,12 +550,8 @@ def _npy_bytes(array):
     return buffer.getvalue()
 
 
-class ProcessesTest(tf.test.TestCase):
-    """Real processes, each training with model.fit and grafting through a temporary directory.
-
-    Process start-up dominates (importing TensorFlow), so one three-rank run, restarted after each of six kills,
-    covers every kill point.
-    """
+class _ProcessesTestCase(tf.test.TestCase):
+    """Real processes, each training with model.fit and grafting through a temporary directory."""
 
     def setUp(self):
         super().setUp()
@@ -619,6 +615,11 @@ class ProcessesTest(tf.test.TestCase):
         for k in range(world_size):
             self.assertAllClose(expected[k], self.weights(k), rtol=1e-5, atol=1e-6)
 
+
+class KillPointsTest(_ProcessesTestCase):
+    """Process start-up dominates (importing TensorFlow), so one three-rank run, restarted after each of six kills,
+    covers every kill point."""
+
     def test_every_kill_point_three_ranks(self):
         epochs = 4  # rounds 0, 1, 2 open epochs 1, 2, 3
         # All five kill points, and each rank dies at least once around the exchange with its neighbours.
@@ -628,6 +629,9 @@ class ProcessesTest(tf.test.TestCase):
         self.assertEqual(sorted(os.listdir(self.dir)),
                          [*[f"final-rank-{k}.state.npz" for k in range(3)],
                           *[f"round-00000{r}-rank-{k}.weights.npz" for r in (1, 2) for k in range(3)], "run.json"])
+
+
+class DeadPeerTest(_ProcessesTestCase):
 
     def test_killed_peer_stops_the_other_with_a_timeout(self):
         # Rank 1 (one device) grafts round 0 and dies after epoch 1; rank 0 (MirroredStrategy on two devices) starts

@@ -451,6 +451,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         history = trainer.fit(dataset_fn, epochs=4, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()])
         self.assertEqual(history.epoch, [0, 1])
 
+
+class BackupTest(tf.test.TestCase, parameterized.TestCase):
+    """backup_dir: exact resume, damaged checkpoints, checkpoints of another configuration."""
+
     def test_backup_restores_models_and_optimizers(self):
         x, y = tiny_data(16)
         backup = self.get_temp_dir()
@@ -527,6 +531,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, rf"another configuration .*graft_trainer.json.*{message}"):
             trainer.fit((x, y), epochs=2, batch_size=8, verbose=0)
 
+
+class HealthTest(tf.test.TestCase):
+    """Models whose loss is not finite or exploded are neither grafted nor averaged into the ensemble."""
+
     def test_exploded_model_is_unhealthy_and_not_grafted(self):
         x, y = tiny_data(32)
 
@@ -562,6 +570,10 @@ class TrainerTest(tf.test.TestCase, parameterized.TestCase):
         trainer.models[1].set_weights([np.full_like(w, np.nan) for w in trainer.models[1].get_weights()])
         self.assertAllClose(trainer.predict(x), healthy_probabilities, atol=1e-6)  # NaN outputs are left out
         self.assertTrue(np.isfinite(trainer.evaluate((x, y))["loss_ensemble"]))
+
+
+class KilledProcessTest(tf.test.TestCase):
+    """A training process killed after an epoch and restarted ends with the weights of an uninterrupted one."""
 
     def test_resume_after_kill_equals_uninterrupted_run(self):
         tmp = self.get_temp_dir()
