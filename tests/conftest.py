@@ -18,13 +18,13 @@ def _is_test_session_stub(item):
 # The classes that take longest (they start processes or train end to end), slowest first: pytest-xdist's
 # loadscope hands each class to one worker, so the long ones must start early.
 SLOW_FIRST = (
-    "test_trainer.py::TrainerTest",
+    "test_readme.py::ReadmeTest",
     "test_shared_directory.py::KillPointsTest",
+    "test_trainer.py::TrainerTest",
     "test_benchmarks.py::AccuracyStudySmokeTest",
     "test_examples.py::TrainScriptTest",
-    "test_readme.py::ReadmeTest",
-    "test_examples.py::TrainMethodsTest",
     "test_examples.py::ScriptProcessTest",
+    "test_examples.py::TrainMethodsTest",
     "test_reactivation.py::CheckpointTest",
     "test_callbacks.py::GraftingCallbackTest",
     "test_distillation.py::CultivationTest",
