@@ -45,6 +45,13 @@ def _slow_rank(item):
     return SLOW_FIRST.index(scope) if scope in SLOW_FIRST else len(SLOW_FIRST)
 
 
+def pytest_configure(config):
+    """Keeps the collection order for ``--dist loadscope``: pytest-xdist otherwise hands out the classes with the
+    most tests first, which leaves the slow single-test classes (the README, the kill points) to the end."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_xdist_auto_num_workers(config):
     """Workers for ``pytest -n auto``: one per core plus one (at least 3), since the process tests leave cores idle
     while their processes start and wait for each other (measured on 2 cores: 3 workers 11.2 min, 2 workers 12.4)."""
