@@ -63,9 +63,9 @@ class PeerEnsemble(keras.Model):
     (kept in :attr:`peer_optimizers`, so ``save_weights``, ``BackupAndRestore`` and ``ModelCheckpoint`` carry their
     slots; the compiled optimizer keeps no slots and counts steps). The compiled optimizer's learning rate leads:
     when it changes (``ReduceLROnPlateau``, ``LearningRateScheduler``), peer k's becomes it times peer k's initial
-    ratio to it. Loss of peer k: L_k = loss(y, s_k) + D_k
-    (distillation) + its regularisation, see :mod:`keras_graft.steps`. With ``Grafting()`` in the callbacks the
-    peers graft in a ring after every epoch (peer k takes from peer k - 1).
+    ratio to it. Loss of peer k: L_k = loss(y, s_k) + D_k (distillation) + its regularisation, see
+    :mod:`keras_graft.steps`. With ``Grafting()`` in the callbacks the peers graft in a ring after every epoch (peer
+    k takes from peer k - 1).
 
     In ``fit`` all peers see the same batches (diversity comes from initialisation and learning rates);
     :class:`keras_graft.GraftTrainer` gives each model its own data order. GraftTrainer also hands its models to
