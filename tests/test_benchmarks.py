@@ -2,13 +2,13 @@
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import unittest
 
 import numpy as np
 import tensorflow as tf
+
+import processes
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _STUDY = os.path.join(_ROOT, "benchmarks", "accuracy.py")
@@ -16,9 +16,8 @@ _DATA = os.path.isdir("/usr/share/datasets/fashion-mnist")
 
 
 def _study(*args):
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, _STUDY, "--smoke", *args], cwd=_ROOT, env=environment,
-                          capture_output=True, text=True, timeout=600)
+    return processes.run(_STUDY, ["--smoke", *args], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), cwd=_ROOT,
+                         timeout=600)
 
 
 @unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")

@@ -5,7 +5,8 @@ The API they call, keras_graft.experiment, is tested in test_experiment.py.
 Every run is tiny (ResNet-8 of width 2, 64 Fashion-MNIST images, one epoch of two steps). train.py runs in this
 process through its main() with parsed flags (one TensorFlow start for all methods); the scripts whose flags would
 collide with train.py's (plot_filters.py, quickstart.py) and the runs that need their own process (a
-MirroredStrategy over two logical CPUs, the exit status of a bad command line) run as subprocesses.
+MirroredStrategy over two logical CPUs) run in processes of their own (tests/processes.py), and a bad command
+line in a new interpreter.
 """
 
 import importlib.util
@@ -23,6 +24,7 @@ from absl.testing import flagsaver
 from absl.testing import parameterized
 
 
+import processes
 import testing_utils
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,10 +60,10 @@ def _run_train(*args):
         return json.load(f)
 
 
-def _script(name, *args, timeout=240, env=None):
-    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(_EXAMPLES, name), *args], cwd=_ROOT, env=environment,
-                          capture_output=True, text=True, timeout=timeout)
+def _script(name, *args, timeout=240):
+    """Runs an example script in a process of its own (tests/processes.py)."""
+    return processes.run(os.path.join(_EXAMPLES, name), args, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                         cwd=_ROOT, timeout=timeout)
 
 
 def _check_png(testcase, path):
@@ -213,8 +215,11 @@ class CommandLineTest(tf.test.TestCase):
         self.assertFalse(os.path.exists(out))
 
     def test_command_line_error_exits_before_training(self):
-        result = _script("train.py", "--method=graft", "--num_models=1", "--dataset=fashion_mnist_local",
-                         "--output=/nonexistent/never/results.json")
+        # The one run started as a user starts it: a new interpreter.
+        result = subprocess.run([sys.executable, os.path.join(_EXAMPLES, "train.py"), "--method=graft",
+                                 "--num_models=1", "--dataset=fashion_mnist_local",
+                                 "--output=/nonexistent/never/results.json"], cwd=_ROOT, capture_output=True,
+                                text=True, timeout=240, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("--method=graft with --num_models=1: grafting between networks", result.stderr)
         self.assertNotIn("epoch 1/", result.stderr + result.stdout)

@@ -2,8 +2,9 @@
 
 The snippets are written for CIFAR-10 and 200 epochs; here the networks the library builds are ResNet-8 of width 2
 on 8x8 images, ``epochs=`` and ``batch_size=`` become 2 and 8, paths go to a temporary directory, "mirrored" is
-the two-CPU strategy the tests share, and the files the snippets load (a donor, a teacher) and the peer's file
-of the SharedDirectory round are written first. Nothing else of a snippet changes.
+one replica on /cpu:0 (what it is on a machine with one CPU device; test_trainer.py runs two replicas), and the
+files the snippets load (a donor, a teacher) and the peer's file of the SharedDirectory round are written first.
+Nothing else of a snippet changes.
 """
 import os
 import re
@@ -15,7 +16,7 @@ import tensorflow as tf
 import keras_graft
 from keras_graft import models, strategies
 
-import testing_utils
+import testing_utils  # noqa: F401  (splits the CPU, as every test file does)
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 SHAPE = (8, 8, 3)
@@ -58,7 +59,7 @@ class ReadmeTest(tf.test.TestCase):
         try:
             with mock.patch.object(models, "get", tiny_resnet), \
                     mock.patch.object(models, "cifar_resnet", tiny_resnet), \
-                    mock.patch.object(strategies, "get", lambda s=None: testing_utils.mirrored_strategy()
+                    mock.patch.object(strategies, "get", lambda s=None: tf.distribute.MirroredStrategy(["/cpu:0"])
                                       if s == "mirrored" else real_get(s)):
                 tiny_resnet().save("donor.keras")
                 tiny_resnet().save("teacher.keras")

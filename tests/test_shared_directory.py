@@ -6,7 +6,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -19,6 +18,7 @@ import tensorflow as tf
 from absl.testing import parameterized
 
 import _shared_dir_model as tiny
+import processes
 from keras_graft import grafting
 from keras_graft import shared_directory as sd
 
@@ -551,7 +551,8 @@ def _npy_bytes(array):
 
 
 class _ProcessesTestCase(tf.test.TestCase):
-    """Real processes, each training with model.fit and grafting through a temporary directory."""
+    """Real processes (tests/processes.py), each training with model.fit and grafting through a temporary
+    directory."""
 
     def setUp(self):
         super().setUp()
@@ -568,19 +569,15 @@ class _ProcessesTestCase(tf.test.TestCase):
                 process.wait()
 
     def start(self, rank, *flags):
-        log = open(f"{self.root}/rank{rank}-{len(self.processes)}.log", "w")
-        self.addCleanup(log.close)
-        process = subprocess.Popen(
-            [sys.executable, WORKER, f"--dir={self.dir}", f"--out={self.root}", f"--rank={rank}", *flags],
-            stdout=log, stderr=subprocess.STDOUT)
-        process.log_path = log.name
+        process = processes.PythonProcess(
+            WORKER, [f"--dir={self.dir}", f"--out={self.root}", f"--rank={rank}", *flags],
+            stdout=f"{self.root}/rank{rank}-{len(self.processes)}.log", stderr=subprocess.STDOUT)
         self.processes.append(process)
         return process
 
     def finish(self, process, timeout=600):
         rc = process.wait(timeout=timeout)
-        with open(process.log_path) as f:
-            return rc, f.read()
+        return rc, process.output()[0]
 
     def weights(self, rank, name="final"):
         with np.load(f"{self.root}/rank{rank}-{name}.npz", allow_pickle=False) as archive:

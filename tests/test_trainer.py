@@ -5,8 +5,6 @@ import glob
 import io
 import math
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
@@ -17,6 +15,7 @@ from absl.testing import parameterized
 from keras_graft import schedules, strategies
 from keras_graft.callbacks import FilterStats, Grafting
 from keras_graft.trainer import GraftTrainer, PeerEnsemble
+import processes
 import testing_utils
 
 WORKER = os.path.join(os.path.dirname(__file__), "_trainer_worker.py")
@@ -578,17 +577,13 @@ class KilledProcessTest(tf.test.TestCase):
     def test_resume_after_kill_equals_uninterrupted_run(self):
         tmp = self.get_temp_dir()
         full, resumed, backup = (os.path.join(tmp, name) for name in ("full.npz", "resumed.npz", "backup"))
-        uninterrupted = subprocess.Popen([sys.executable, WORKER, f"--out={full}"], stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.PIPE)
-        killed = subprocess.run([sys.executable, WORKER, f"--out={resumed}", f"--backup_dir={backup}",
-                                 "--exit_after_epoch=2"], capture_output=True, timeout=300)
-        self.assertEqual(killed.returncode, 3, killed.stderr.decode()[-2000:])
+        uninterrupted = processes.PythonProcess(WORKER, [f"--out={full}"])
+        killed = processes.run(WORKER, [f"--out={resumed}", f"--backup_dir={backup}", "--exit_after_epoch=2"])
+        self.assertEqual(killed.returncode, 3, killed.stderr[-2000:])
         self.assertFalse(os.path.exists(resumed))
-        restarted = subprocess.run([sys.executable, WORKER, f"--out={resumed}", f"--backup_dir={backup}"],
-                                   capture_output=True, timeout=300)
-        self.assertEqual(restarted.returncode, 0, restarted.stderr.decode()[-2000:])
-        _, stderr = uninterrupted.communicate(timeout=300)
-        self.assertEqual(uninterrupted.returncode, 0, stderr.decode()[-2000:])
+        restarted = processes.run(WORKER, [f"--out={resumed}", f"--backup_dir={backup}"])
+        self.assertEqual(restarted.returncode, 0, restarted.stderr[-2000:])
+        self.assertEqual(uninterrupted.wait(timeout=300), 0, uninterrupted.output()[1][-2000:])
         a, b = np.load(full), np.load(resumed)
         self.assertAllEqual(b["epochs_run"], [2, 3])
         self.assertAllEqual(a["iterations"], b["iterations"])

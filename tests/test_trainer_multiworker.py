@@ -2,11 +2,11 @@
 import json
 import os
 import socket
-import subprocess
-import sys
 
 import numpy as np
 import tensorflow as tf
+
+import processes
 
 WORKER = os.path.join(os.path.dirname(__file__), "_trainer_worker.py")
 
@@ -29,22 +29,21 @@ class MultiWorkerTest(tf.test.TestCase):
         backup = os.path.join(tmp, "backup")
         scratch = os.path.join(tmp, "scratch")  # The workers' temporary directory.
         os.makedirs(scratch)
-        processes, outputs = [], []
+        workers, outputs = [], []
         for index in range(2):
             task = {"cluster": cluster, "task": {"type": "worker", "index": index}}
             env = dict(os.environ, TF_CONFIG=json.dumps(task), TMPDIR=scratch)
             outputs.append(os.path.join(tmp, f"worker{index}.npz"))
-            processes.append(subprocess.Popen(
-                [sys.executable, WORKER, "--strategy=multi_worker", "--epochs=2", f"--out={outputs[-1]}",
-                 f"--backup_dir={backup}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+            workers.append(processes.PythonProcess(
+                WORKER, ["--strategy=multi_worker", "--epochs=2", f"--out={outputs[-1]}", f"--backup_dir={backup}"],
+                env=env))
         try:
-            logs = [p.communicate(timeout=300)[1].decode() for p in processes]
+            for worker in workers:
+                self.assertEqual(worker.wait(timeout=300), 0, worker.output()[1][-3000:])
         finally:
-            for p in processes:
-                if p.poll() is None:
-                    p.kill()
-        for p, log in zip(processes, logs):
-            self.assertEqual(p.returncode, 0, log[-3000:])
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
         first, second = (np.load(path) for path in outputs)
         self.assertAllEqual(first["epochs_run"], [0, 1])
         self.assertAllEqual(first["iterations"], [12, 12])  # 48 examples, global batch 8, 2 epochs.

@@ -3,6 +3,7 @@ so that MirroredStrategy runs two replicas whether the tests run under pytest or
 (``python tests/test_scions.py``, through ``tf.test.main()``)."""
 
 import functools
+import multiprocessing
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -18,7 +19,8 @@ def _split_cpu():
             cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
 
 
-_split_cpu()
+if multiprocessing.parent_process() is None:  # a process that processes.py starts chooses its own devices
+    _split_cpu()
 
 
 @functools.lru_cache(maxsize=None)
@@ -71,3 +73,4 @@ def interrupt_after(epoch):
                 raise KeyboardInterrupt(f"interrupted after epoch {epoch}")
 
     return Interrupt()
+
