@@ -3,13 +3,12 @@ inherited test_session stubs of tf.test.TestCase are deselected; the slowest cla
 parallel workers (pytest -n) start them early and finish together."""
 import os
 
-import tensorflow as tf
-
-import testing_utils  # noqa: F401  (splits the CPU before any test runs)
 
 def _is_test_session_stub(item):
     """Whether a collected item is tf.test.TestCase's inherited ``test_session`` (a deprecated context manager
     that pytest collects because of its name, then reports as skipped: "Not a test.")."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel  (imported already by the test modules)
+
     cls = getattr(item, "cls", None)
     return (item.name == "test_session" and cls is not None and issubclass(cls, tf.test.TestCase)
             and getattr(cls, "test_session", None) is tf.test.TestCase.test_session)
@@ -46,8 +45,13 @@ def _slow_rank(item):
 
 
 def pytest_configure(config):
-    """Keeps the collection order for ``--dist loadscope``: pytest-xdist otherwise hands out the classes with the
-    most tests first, which leaves the slow single-test classes (the README, the kill points) to the end."""
+    """Splits the CPU in every process that runs tests (not in pytest-xdist's controller, which runs none: it
+    skips importing TensorFlow). Keeps the collection order for ``--dist loadscope``: pytest-xdist otherwise hands
+    out the classes with the most tests first, which leaves the slow single-test classes (the README, the kill
+    points) to the end."""
+    controller = getattr(config.option, "dist", "no") != "no" and not hasattr(config, "workerinput")
+    if not controller:
+        import testing_utils  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 
