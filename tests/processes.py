@@ -66,7 +66,7 @@ class PythonProcess:
         return self._process.exitcode
 
     def poll(self):
-        return self._process.exitcode
+        return self.returncode
 
     def wait(self, timeout=None):
         self._process.join(timeout)

@@ -16,8 +16,7 @@ _DATA = os.path.isdir("/usr/share/datasets/fashion-mnist")
 
 
 def _study(*args):
-    return processes.run(_STUDY, ["--smoke", *args], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), cwd=_ROOT,
-                         timeout=600)
+    return processes.run(_STUDY, ["--smoke", *args], cwd=_ROOT, timeout=600)
 
 
 @unittest.skipUnless(_DATA, "the Fashion-MNIST IDX files (dataset-fashion-mnist) are not installed")

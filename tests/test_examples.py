@@ -65,8 +65,7 @@ def _run_train(*args):
 
 def _script(name, *args, timeout=240):
     """Runs an example script in a process of its own (tests/processes.py)."""
-    return processes.run(os.path.join(_EXAMPLES, name), args, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-                         cwd=_ROOT, timeout=timeout)
+    return processes.run(os.path.join(_EXAMPLES, name), args, cwd=_ROOT, timeout=timeout)
 
 
 def _check_png(testcase, path):
